@@ -1,0 +1,14 @@
+"""smog_kernels: fused kernels for the grouping step of SMoG (assignment, group statistics,
+momentum update, group contrastive loss, spherical k-means) with a plain-PyTorch reference."""
+from smog_kernels._backends import available_backends
+from smog_kernels.api import assign, group_contrastive_loss, group_stats, momentum_update, spherical_kmeans
+
+__all__ = [
+    "assign",
+    "available_backends",
+    "group_contrastive_loss",
+    "group_stats",
+    "momentum_update",
+    "spherical_kmeans",
+]
+__version__ = "0.1.0"

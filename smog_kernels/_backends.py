@@ -1,0 +1,81 @@
+"""Backend registry and the choice behind backend="auto".
+
+A fused backend is a module exposing the internal op set below, called with validated arguments
+(targets always [T, N]); "reference" is `smog_kernels.reference` itself.
+
+    assign(x, centroids) -> (index int64 [N], score float32 [N])
+    group_stats(x, index, num_groups) -> (sums float32 [K, D], counts int64 [K])
+    momentum_update(centroids, sums, counts, beta) -> centroids' (dtype of centroids)
+    loss_forward(p, centroids, targets, inv_temperature)
+        -> (lse float32 [N], target_logits float32 [T, N], attention float32 [N, D])
+        where attention[b] = sum_k softmax_k(<p_b, c_k> * inv_temperature) c_k
+    loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature)
+        -> float32 [K, D] = inv_temperature * sum_b row_weight[b] softmax_bk p_b
+    supports(device) -> bool
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+# Which fused backend "auto" tries first on each device type; the first that is available wins.
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+_MODULES = {
+    "reference": "smog_kernels.reference",
+    "cpu": "smog_kernels.native",
+    "cuda": "smog_kernels.native",
+    "triton": "smog_kernels.triton",
+}
+
+
+def _load(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(_MODULES[name])
+    except ImportError:
+        return None
+
+
+def _usable(name: str) -> bool:
+    module = _load(name)
+    if module is None:
+        return False
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return module.has_kernels("cpu")
+    if name == "cuda":
+        return torch.cuda.is_available() and module.has_kernels("cuda")
+    # triton: a GPU, or CPU tensors under the interpreter
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends this install can run, reference first."""
+    return [name for name in NAMES if _usable(name)]
+
+
+def resolve(backend: str, device: torch.device) -> tuple[str, ModuleType]:
+    """The backend's name and module for tensors on `device`; "auto" picks the fastest present."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ()):
+            if _usable(name) and _load(name).supports(device):
+                return name, _load(name)
+        return "reference", _load("reference")
+    if backend not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {backend!r}")
+    if not _usable(backend):
+        raise ValueError(
+            f"backend {backend!r} is not available in this install (available: {available_backends()})"
+        )
+    module = _load(backend)
+    if backend != "reference" and not module.supports(device):
+        raise ValueError(f"backend {backend!r} cannot run on tensors on {device}")
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"backend {backend!r} cannot run on tensors on {device}")
+    return backend, module

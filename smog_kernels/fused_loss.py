@@ -1,0 +1,56 @@
+"""Autograd for the fused group contrastive loss, shared by every fused backend.
+
+The forward pass of a backend streams over the centroids once and returns, per row b, the
+log-sum-exp of the logits, the target logits and the attention output a_b = sum_k softmax_bk c_k.
+With upstream weights w[t, b] on the per-target losses and W_b = sum_t w[t, b]:
+
+    dL/dp_b = (W_b a_b - sum_t w[t, b] c_{y_tb}) / tau
+    dL/dc_k = (sum_b W_b softmax_bk p_b - sum_{t,b: y_tb = k} w[t, b] p_b) / tau
+
+so backward for p is O(N T D) from saved tensors; only the centroid gradient needs a second
+streaming pass (the backend's loss_centroid_grad).
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from smog_kernels.reference import reduce_per_target
+
+
+class FusedGroupLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, centroids, targets, temperature, reduction, grad_centroids, backend: ModuleType):
+        targets_2d = targets.unsqueeze(0) if targets.dim() == 1 else targets
+        inv_t = 1.0 / temperature
+        lse, target_logits, attention = backend.loss_forward(p, centroids, targets_2d, inv_t)
+        per_target = lse.unsqueeze(0) - target_logits  # [T, N]
+        ctx.save_for_backward(p, centroids, targets_2d, lse, attention)
+        ctx.inv_t, ctx.reduction, ctx.backend = inv_t, reduction, backend
+        ctx.grad_centroids, ctx.target_shape = grad_centroids, targets.shape
+        ctx.mark_non_differentiable(targets)
+        return reduce_per_target(per_target, reduction, targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        p, centroids, targets_2d, lse, attention = ctx.saved_tensors
+        t, n = targets_2d.shape
+        if ctx.reduction == "mean":
+            weight = grad_out.float().expand(t, n) / (t * n)
+        elif ctx.reduction == "sum":
+            weight = grad_out.float().expand(t, n)
+        else:
+            weight = grad_out.float().reshape(t, n)
+        row_weight = weight.sum(0)  # [N]
+        grad_p = grad_c = None
+        if ctx.needs_input_grad[0]:
+            target_rows = centroids.float()[targets_2d]  # [T, N, D]
+            pulled = (weight.unsqueeze(-1) * target_rows).sum(0)
+            grad_p = ((row_weight.unsqueeze(1) * attention - pulled) * ctx.inv_t).to(p.dtype)
+        if ctx.grad_centroids and ctx.needs_input_grad[1]:
+            grad_c = ctx.backend.loss_centroid_grad(p, centroids, lse, row_weight, ctx.inv_t)
+            weighted_p = (weight.unsqueeze(-1) * p.float().unsqueeze(0)).reshape(t * n, -1)
+            grad_c = grad_c.index_add(0, targets_2d.reshape(-1), weighted_p, alpha=-ctx.inv_t)
+            grad_c = grad_c.to(centroids.dtype)
+        return grad_p, grad_c, None, None, None, None, None

@@ -1,0 +1,97 @@
+"""Plain-PyTorch versions of every op of the kernel contract: the specification in code.
+
+Vectorised (matrix products, index_add_, bincount), no loop over groups, and short enough to be
+obviously right. They materialise the N x K score matrix, which is what the fused backends avoid.
+Arithmetic is float32 for float32/16-bit inputs (float64 stays float64, for gradcheck). The public functions in `smog_kernels` validate
+their arguments before calling these.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from smog_kernels.kmeans import lloyd
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float32 for 16-bit inputs; float64 stays float64 (so gradcheck can run on the reference)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], centroids [K, D] -> (index int64 [N], score float32 [N]) of argmax_k <x_i, c_k>.
+
+    Exact ties go to the smallest k (torch.max returns the first maximal index).
+    """
+    scores = _wide(x) @ _wide(centroids).T
+    score, index = scores.max(dim=1)
+    return index, score
+
+
+def group_stats(
+    x: torch.Tensor, index: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], index int64 [N] -> (sums float32 [K, D], counts int64 [K])."""
+    sums = torch.zeros(num_groups, x.shape[1], dtype=_wide(x).dtype, device=x.device)
+    sums.index_add_(0, index, _wide(x))
+    counts = torch.bincount(index, minlength=num_groups)
+    return sums, counts
+
+
+def momentum_update(
+    centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Rows with count > 0 become normalize(beta * c + (1 - beta) * sum / count); others stay."""
+    c = _wide(centroids)
+    mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    moved = F.normalize(beta * c + (1.0 - beta) * mean, dim=1)
+    return torch.where((counts > 0).unsqueeze(1), moved, c).to(centroids.dtype)
+
+
+def group_contrastive_loss(
+    p: torch.Tensor,
+    centroids: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    reduction: str = "mean",
+    grad_centroids: bool = False,
+) -> torch.Tensor:
+    """Softmax cross-entropy of p @ centroids.T / temperature against targets [N] or [T, N].
+
+    Every target set is scored against the same logits. reduction "mean" averages over T and N,
+    "sum" adds them, "none" returns float32 [N] for targets [N] and [T, N] for targets [T, N].
+    Without grad_centroids no gradient flows into the centroids.
+    """
+    if not grad_centroids:
+        centroids = centroids.detach()
+    log_prob = F.log_softmax(_wide(p) @ _wide(centroids).T / temperature, dim=1)  # [N, K]
+    targets_2d = targets.unsqueeze(0) if targets.dim() == 1 else targets
+    per_target = -log_prob.gather(1, targets_2d.T).T  # [T, N]
+    return reduce_per_target(per_target, reduction, targets.shape)
+
+
+def reduce_per_target(per_target: torch.Tensor, reduction: str, target_shape: torch.Size) -> torch.Tensor:
+    """per_target float32 [T, N] -> mean, sum, or the targets' shape for reduction "none"."""
+    if reduction == "mean":
+        return per_target.mean()
+    if reduction == "sum":
+        return per_target.sum()
+    return per_target.reshape(target_shape)
+
+
+def spherical_kmeans(
+    x: torch.Tensor,
+    num_groups: int,
+    iters: int = 10,
+    seed: int = 0,
+    init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on the unit sphere: E-step = assign, M-step = normalised group mean, `iters` rounds.
+
+    init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (centroids [K, D] in
+    x's dtype, index int64 [N]); index is the last E-step's assignment, i.e. the membership whose
+    means gave the returned centroids. Empty groups keep their centroid.
+    """
+    return lloyd(sys.modules[__name__], x, num_groups, iters, seed, init)
