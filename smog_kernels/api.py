@@ -7,6 +7,8 @@ is assigned to is unspecified. Training code checks the loss instead.
 """
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from smog_kernels import _validate as check
@@ -67,7 +69,20 @@ def group_contrastive_loss(
     or "none" (float32, targets' shape). Gradients flow to p, and to centroids if grad_centroids.
     """
     check.check_loss(p, centroids, targets, temperature, reduction)
-    name, ops = resolve(backend, p.device)
+    return run_loss(resolve(backend, p.device), p, centroids, targets, temperature, reduction, grad_centroids)
+
+
+def run_loss(
+    resolved: tuple[str, ModuleType],
+    p: torch.Tensor,
+    centroids: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    reduction: str,
+    grad_centroids: bool,
+) -> torch.Tensor:
+    """group_contrastive_loss on validated arguments with an already resolved backend."""
+    name, ops = resolved
     if name == "reference":
         return ops.group_contrastive_loss(p, centroids, targets, temperature, reduction, grad_centroids)
     if not grad_centroids:

@@ -1,0 +1,90 @@
+"""One SMoG grouping step for one head, as few passes as the backend allows.
+
+The spec's order (SMOG_SPEC.md, "One training iteration"): targets and the grouping assignment are
+taken against the groups *before* the update, the statistics of the assigned rows (reduced across
+processes when a reducer is given) move the groups, and the loss scores every prediction against the
+*updated* groups. Launches: one assignment pass over the target and update rows together, the
+statistics, the (reduction and) momentum update, and one loss pass whose backward reuses its output.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from smog_kernels import _validate as check
+from smog_kernels import reference
+from smog_kernels._backends import resolve
+from smog_kernels.api import run_loss
+from smog_kernels.kmeans import StatsReducer
+
+
+class GroupingStep(NamedTuple):
+    loss: torch.Tensor  # scalar float32: mean over target sets, views and rows
+    centroids: torch.Tensor  # G' [K, D], the updated groups (detached unless grad_centroids)
+    targets: torch.Tensor  # int64 [T, N]: groups of the target rows under G
+    index: torch.Tensor  # int64 [M]: groups of the update rows under G
+    counts: torch.Tensor  # int64 [K]: members per group (global when a reducer is given)
+
+
+def _check_step(centroids, target_rows, update_rows, predictions, beta, temperature) -> None:
+    check.features("centroids", centroids)
+    check.features("target_rows", target_rows, rank=3)
+    check.features("update_rows", update_rows)
+    check.features("predictions", predictions, rank=3)
+    named = dict(centroids=centroids, target_rows=target_rows, update_rows=update_rows, predictions=predictions)
+    check.same_device(**named)
+    for name, t in named.items():
+        check.same_dim("centroids", centroids, name, t)
+        check.same_dtype("centroids", centroids, name, t)
+    if centroids.shape[0] < 1:
+        raise ValueError(f"centroids must hold at least one group (K >= 1), got shape {tuple(centroids.shape)}")
+    if predictions.shape[1] != target_rows.shape[1]:
+        raise ValueError(
+            f"predictions [V, N, D] and target_rows [T, N, D] must have the same N, got predictions "
+            f"{tuple(predictions.shape)} and target_rows {tuple(target_rows.shape)}"
+        )
+    check.unit_interval("beta", beta)
+    check.positive("temperature", temperature)
+
+
+def grouping_step(
+    centroids: torch.Tensor,
+    target_rows: torch.Tensor,
+    update_rows: torch.Tensor,
+    predictions: torch.Tensor,
+    beta: float,
+    temperature: float,
+    grad_centroids: bool = False,
+    reduce_stats: StatsReducer | None = None,
+    backend: str = "auto",
+) -> GroupingStep:
+    """SMoG steps 1-5 for one head.
+
+    centroids [K, D]: the groups G before this step (not modified). target_rows [T, N, D]: momentum
+    z of the T large k crops. update_rows [M, D]: online z whose statistics move the groups.
+    predictions [V, N, D]: online p of every q crop; the gradient flows into them. The loss is the
+    mean over t, v, b of -log softmax_k(<p_vb, g'_k> / temperature)[targets[t, b]].
+    With grad_centroids (lightly's variant) the gradient also flows through G' into update_rows via
+    the (1 - beta) * mean term; reduce_stats must then be autograd-aware.
+    """
+    _check_step(centroids, target_rows, update_rows, predictions, beta, temperature)
+    resolved = resolve(backend, centroids.device)
+    ops = resolved[1]
+    t, n, d = target_rows.shape
+    k = centroids.shape[0]
+    groups = centroids.detach()
+    rows = torch.cat([target_rows.detach().reshape(t * n, d), update_rows.detach()])
+    index_all, _ = ops.assign(rows, groups)
+    targets, index = index_all[: t * n].view(t, n), index_all[t * n :]
+
+    stats_ops, update_input = (reference, update_rows) if grad_centroids else (ops, update_rows.detach())
+    sums, counts = stats_ops.group_stats(update_input, index, k)
+    if reduce_stats is not None:
+        sums, counts = reduce_stats(sums, counts)
+    updated = stats_ops.momentum_update(groups, sums, counts, float(beta))
+
+    v = predictions.shape[0]
+    loss_targets = targets.repeat(1, v)  # row v * N + b of the flattened predictions -> targets[:, b]
+    loss = run_loss(resolved, predictions.reshape(v * n, d), updated, loss_targets, temperature, "mean", grad_centroids)
+    return GroupingStep(loss, updated if grad_centroids else updated.detach(), targets, index, counts)
