@@ -133,8 +133,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def check_loss(
     p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str
-) -> torch.Tensor:
-    """Validates the loss inputs and returns targets as [T, N]."""
+) -> None:
+    """Validates the loss inputs."""
     features("p", p)
     features("centroids", centroids)
     same_device(p=p, centroids=centroids, targets=_tensor("targets", targets))
@@ -144,14 +144,13 @@ def check_loss(
         raise ValueError(f"centroids must hold at least one group (K >= 1), got {_describe(centroids)}")
     if targets.dim() not in (1, 2):
         raise ValueError(f"targets must have shape [N] or [T, N], got {_describe(targets)}")
-    targets_2d = targets.unsqueeze(0) if targets.dim() == 1 else targets
-    if targets_2d.shape[0] < 1:
+    if targets.dim() == 2 and targets.shape[0] < 1:
         raise ValueError(f"targets must hold at least one target set (T >= 1), got {_describe(targets)}")
-    group_index("targets", targets_2d, (targets_2d.shape[0], p.shape[0]), centroids.shape[0])
+    expected = (p.shape[0],) if targets.dim() == 1 else (targets.shape[0], p.shape[0])
+    group_index("targets", targets, expected, centroids.shape[0])
     positive("temperature", temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return targets_2d
 
 
 def check_kmeans(x: torch.Tensor, num_groups: int, iters: int, init: torch.Tensor | None) -> None:
