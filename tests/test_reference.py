@@ -1,0 +1,104 @@
+"""The reference ops against the spec written out the slow, literal way, and gradcheck in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smog_kernels as sk
+from smog_kernels import reference as ref
+from tests.conftest import unit_rows
+
+
+def test_assign_is_the_first_maximal_inner_product(generator):
+    x = unit_rows(40, 5, torch.float64, "cpu", generator)
+    c = unit_rows(9, 5, torch.float64, "cpu", generator)
+    c[6] = c[2]  # exact tie between groups 2 and 6
+    x[0] = c[2]
+    index, score = ref.assign(x, c)
+    for i in range(40):
+        scores = [float(x[i] @ c[k]) for k in range(9)]
+        assert int(index[i]) == scores.index(max(scores))
+        assert float(score[i]) == pytest.approx(max(scores))
+    assert int(index[0]) == 2
+
+
+def test_stats_and_update_follow_the_spec_row_by_row(generator):
+    k, d = 6, 4
+    x = unit_rows(25, d, torch.float64, "cpu", generator)
+    index = torch.randint(0, 4, (25,), generator=generator)  # groups 4 and 5 stay empty
+    c = unit_rows(k, d, torch.float64, "cpu", generator)
+    beta = 0.9
+    sums, counts = ref.group_stats(x, index, k)
+    updated = ref.momentum_update(c, sums, counts, beta)
+    for g in range(k):
+        members = x[index == g]
+        assert int(counts[g]) == len(members)
+        if len(members) == 0:
+            assert torch.equal(updated[g], c[g])
+            continue
+        moved = beta * c[g] + (1 - beta) * members.mean(0)
+        assert torch.allclose(updated[g], moved / moved.norm())
+
+
+def test_loss_is_the_mean_cross_entropy_over_targets(generator):
+    p = unit_rows(7, 5, torch.float64, "cpu", generator)
+    c = unit_rows(4, 5, torch.float64, "cpu", generator)
+    targets = torch.randint(0, 4, (2, 7), generator=generator)
+    tau = 0.2
+    expected = []
+    for t in range(2):
+        for b in range(7):
+            logits = (p[b] @ c.T) / tau
+            expected.append(float(torch.logsumexp(logits, 0) - logits[targets[t, b]]))
+    got = ref.group_contrastive_loss(p, c, targets, tau, reduction="none")
+    assert got.shape == (2, 7)
+    assert torch.allclose(got.flatten(), torch.tensor(expected, dtype=torch.float64))
+    assert float(ref.group_contrastive_loss(p, c, targets, tau)) == pytest.approx(sum(expected) / 14)
+    assert float(ref.group_contrastive_loss(p, c, targets, tau, "sum")) == pytest.approx(sum(expected))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("num_targets", [1, 2])
+def test_reference_loss_gradcheck(reduction, num_targets, generator):
+    p = unit_rows(6, 5, torch.float64, "cpu", generator).requires_grad_()
+    c = unit_rows(4, 5, torch.float64, "cpu", generator).requires_grad_()
+    targets = torch.randint(0, 4, (num_targets, 6), generator=generator).squeeze(0)
+
+    def loss(p, c):
+        return ref.group_contrastive_loss(p, c, targets, 0.3, reduction, grad_centroids=True)
+
+    assert torch.autograd.gradcheck(loss, (p, c))
+
+
+def test_reference_momentum_update_gradcheck(generator):
+    """The grad-into-groups variant differentiates the update with respect to the member rows."""
+    x = unit_rows(9, 4, torch.float64, "cpu", generator).requires_grad_()
+    c = unit_rows(3, 4, torch.float64, "cpu", generator)
+    index = torch.tensor([0, 0, 1, 1, 1, 0, 1, 0, 0])  # group 2 empty
+
+    def update(x):
+        sums, counts = ref.group_stats(x, index, 3)
+        return ref.momentum_update(c, sums, counts, 0.7)
+
+    assert torch.autograd.gradcheck(update, (x,))
+
+
+def test_grouping_step_follows_the_spec_order(generator):
+    """Targets and assignment against G before the update, loss against G' after it."""
+    k, n, d = 11, 13, 8
+    g = unit_rows(k, d, torch.float32, "cpu", generator)
+    target_rows = unit_rows(2 * n, d, torch.float32, "cpu", generator).view(2, n, d)
+    update_rows = unit_rows(n, d, torch.float32, "cpu", generator)
+    predictions = unit_rows(3 * n, d, torch.float32, "cpu", generator).view(3, n, d)
+    step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.95, 0.1, backend="reference")
+
+    targets = torch.stack([ref.assign(target_rows[t], g)[0] for t in range(2)])
+    index, _ = ref.assign(update_rows, g)
+    sums, counts = ref.group_stats(update_rows, index, k)
+    updated = ref.momentum_update(g, sums, counts, 0.95)
+    losses = [ref.group_contrastive_loss(predictions[v], updated, targets[t], 0.1)
+              for t in range(2) for v in range(3)]
+    assert torch.equal(step.targets, targets) and torch.equal(step.index, index)
+    assert torch.equal(step.counts, counts)
+    assert torch.allclose(step.centroids, updated)
+    assert torch.allclose(step.loss, torch.stack(losses).mean())
