@@ -18,12 +18,9 @@ import torch
 import smog_kernels as sk
 from smog_kernels import reference as ref
 from smog_kernels.kmeans import initial_centroids
+from smog_kernels.parity import REL_TOL, SCORE_TOL, rel_err
 from tests.conftest import fused_backends, require, unit_rows
 
-# float32 <= 1e-4 (the bound); bfloat16 <= 2e-2; float16 (10 mantissa bits) <= 5e-3.
-REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-# an assignment that differs from the reference must score within this of the best score
-SCORE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 _NS, _KS, _DS = (1, 7, 256, 1001), (1, 3, 300, 3001), (3, 64, 128, 256)
@@ -33,11 +30,6 @@ SMALL_SHAPES = [(1, 1, 3), (7, 3, 16), (33, 37, 8), (5, 70, 33)]
 
 def shapes(size: str) -> list[tuple[int, int, int]]:
     return FULL_SHAPES if size == "full" else SMALL_SHAPES
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def check_assignment(x, c, index, score, dtype) -> None:

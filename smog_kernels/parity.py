@@ -1,0 +1,68 @@
+"""Errors of a fused backend against the reference on fresh random inputs (behind `smog check`).
+
+Relative errors are ||fused - reference|| / ||reference||, both sides computed from the same
+low-precision inputs. REL_TOL is the bound the test-suite and `smog check` hold every backend to.
+"""
+from __future__ import annotations
+
+import torch
+
+import smog_kernels as sk
+from smog_kernels import reference as ref
+
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# an assignment that differs from the reference must score within this of the best score
+SCORE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _unit(n: int, d: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).to(device, dtype)
+
+
+def measure(backend: str, device: str, dtype: torch.dtype, n: int, k: int, d: int, seed: int = 0) -> dict[str, float]:
+    """Per-op error of `backend` on one random problem; every value must be <= REL_TOL[dtype]
+    except "assign score gap" (<= SCORE_TOL[dtype]), the largest amount by which an assigned group
+    scores below the best group."""
+    gen = torch.Generator().manual_seed(seed)
+    x, c, p = _unit(n, d, dtype, device, gen), _unit(k, d, dtype, device, gen), _unit(n, d, dtype, device, gen)
+    errors: dict[str, float] = {}
+
+    index, _ = sk.assign(x, c, backend=backend)
+    exact = x.double() @ c.double().T
+    chosen = exact.gather(1, index.unsqueeze(1)).squeeze(1)
+    errors["assign score gap"] = float((exact.max(1).values - chosen).max())
+
+    sums, counts = sk.group_stats(x, index, k, backend=backend)
+    ref_sums, ref_counts = ref.group_stats(x, index, k)
+    errors["group_stats"] = max(rel_err(sums, ref_sums), float((counts != ref_counts).any()))
+    errors["momentum_update"] = rel_err(sk.momentum_update(c, ref_sums, ref_counts, 0.99, backend=backend),
+                                        ref.momentum_update(c, ref_sums, ref_counts, 0.99))
+
+    targets = torch.randint(0, k, (2, n), generator=gen).to(device)
+    results = []
+    for fn in (lambda *a: sk.group_contrastive_loss(*a, backend=backend), ref.group_contrastive_loss):
+        pp, cc = p.clone().requires_grad_(), c.clone().requires_grad_()
+        loss = fn(pp, cc, targets, 0.1, "mean", True)
+        loss.backward()
+        results.append((loss.detach(), pp.grad, cc.grad))
+    for name, got, want in zip(("loss", "dloss/dp", "dloss/dcentroids"), *results):
+        errors[name] = rel_err(got, want)
+
+    init = _unit(min(k, n), d, dtype, device, gen)
+    got_c, _ = sk.spherical_kmeans(x, init.shape[0], iters=3, init=init, backend=backend)
+    want_c, _ = ref.spherical_kmeans(x, init.shape[0], iters=3, init=init)
+    errors["spherical_kmeans"] = rel_err(got_c, want_c)
+    return errors
+
+
+def within_tolerance(op: str, error: float, dtype: torch.dtype) -> bool:
+    if op == "assign score gap":
+        return error <= SCORE_TOL[dtype]
+    if op == "spherical_kmeans":  # a near-tie assignment flip moves a centroid by more than rounding
+        return error <= max(REL_TOL[dtype], 1e-3)
+    return error <= REL_TOL[dtype]

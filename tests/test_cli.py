@@ -1,0 +1,30 @@
+"""The `smog` command's dispatch and `smog check` on this machine's backends."""
+from __future__ import annotations
+
+import json
+
+from smog import cli
+
+
+def test_help_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert name in out
+
+
+def test_unknown_command_fails(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_check_reports_every_op_for_the_cpu_backend(tmp_path, capsys):
+    out_file = tmp_path / "check.json"
+    rc = cli.main(["check", "--backends", "cpu", "--shape", "67", "45", "19", "--json", str(out_file)])
+    rows = json.loads(out_file.read_text())
+    assert rc == 0, capsys.readouterr().out
+    ops = {r["op"] for r in rows}
+    assert ops == {"assign score gap", "group_stats", "momentum_update", "loss", "dloss/dp",
+                   "dloss/dcentroids", "spherical_kmeans"}
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16", "float16"}
+    assert all(r["ok"] for r in rows)
