@@ -1,0 +1,267 @@
+"""Typed training configuration: YAML files over dataclasses, with `section.key=value` overrides.
+
+A config is data: `load_config(name_or_path, overrides)` reads a YAML recipe (a file path, or the name
+of a packaged recipe in smog/configs/), applies `key=value` overrides (values parsed as YAML) and
+checks every field's type and range, raising ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist, mnist, cifar10, cifar100, stl10, folder, digits
+    root: str = ""  # where to look for / download the data ("" = the dataset's default place)
+    download: bool = False  # let torchvision download a missing dataset
+    train_subset: int = 0  # use only the first N training images for pretraining (0 = all)
+    small_crops: int = 0
+    large_size: int = 28
+    small_size: int = 14
+    large_scale: tuple[float, float] = (0.2, 1.0)
+    small_scale: tuple[float, float] = (0.05, 0.2)
+    color: bool = True  # colour jitter / grayscale / solarise (off for grey images is fine too)
+    blur: bool = True
+    flip: bool = True
+    workers: int = 0
+    pin_memory: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, swin_t, vit_b_16
+    small_stem: bool = False  # 3x3 stride-1 stem without max-pool for small images (ResNets)
+    width: int = 32  # base channel count of small_cnn
+    proj_hidden: int = 2048
+    pred_hidden: int = 2048
+    dim: int = 128  # D: projector output / group feature dimension
+    sync_bn: bool = False  # SyncBatchNorm when running on several processes
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the backbones
+
+
+@dataclass
+class MethodConfig:
+    heads: int = 3  # H
+    groups: int = 3000  # K
+    temperature: float = 0.1
+    beta_start: float = 1.0  # group momentum at the first iteration ...
+    beta_end: float = 0.99  # ... falling linearly to this at the last (equal values: constant)
+    ema_start: float = 0.999  # momentum-network EMA rate, cosine from ema_start ...
+    ema_end: float = 0.999  # ... to ema_end
+    grad_into_groups: bool = False  # lightly's variant: gradient through the (1 - beta) * mean term
+    recluster_every: int = 1  # epochs between spherical k-means re-clusterings (0 = never)
+    kmeans_iters: int = 10
+    reset_momentum_each_epoch: bool = True
+    backend: str = "auto"  # smog_kernels backend
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars (SGD + LARS), sgd, adamw
+    lr: float = 4.8  # base learning rate (not scaled by batch size)
+    warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.01
+    final_lr: float = 0.0048
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 0.0  # max gradient norm (0 = off)
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN evaluations during training (0 = only at the end)
+    knn_k: tuple[int, ...] = (200, 20)
+    knn_t: tuple[float, ...] = (0.1, 0.07)
+    knn_train_subset: int = 0  # kNN memory: first N training images (0 = all)
+    knn_test_subset: int = 0  # kNN queries: first N test images (0 = all)
+    baselines: bool = False  # at the end also score random-init features and raw pixels
+    batch_size: int = 512
+    linear_epochs: int = 100
+    linear_lr: float = 0.3
+    linear_weight_decay: float = 1e-6
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # per process
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    bf16: bool = True  # bf16 autocast where the device supports it (CUDA)
+    out_dir: str = "runs"
+    run_name: str = ""  # "" = the config's name
+    resume: str = ""  # "" (fresh), "auto" (latest checkpoint of the run, if any) or a path
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epoch ends only)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.name": ("fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "folder", "digits"),
+    "model.backbone": ("small_cnn", "resnet18", "resnet50", "swin_t", "vit_b_16"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.proj_hidden",
+            "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
+            "method.kmeans_iters", "train.epochs", "train.batch_size", "eval.batch_size", "optim.lr")
+UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
+
+
+def packaged_configs() -> list[str]:
+    """Names of the recipes shipped in smog/configs/."""
+    folder = resources.files("smog") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(name_or_path: str) -> str:
+    """A YAML path, or the packaged recipe of that name."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    packaged = resources.files("smog") / "configs" / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return str(packaged)
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged recipe "
+                      f"(packaged: {', '.join(packaged_configs())})")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        args = get_args(hint)
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise ConfigError(f"{key} must have {len(kinds)} entries, got {value!r}")
+        return tuple(_coerce(key, v, k) for v, k in zip(value, kinds))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a dataclass bug
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r} (known under {prefix.rstrip('.') or 'top level'}: "
+                              f"{', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.epochs=3', 'model.dim=64'] -> nested dict, values parsed as YAML."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from None
+    return nested
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; raises ConfigError naming the key."""
+    def get(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {get(key)!r}")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {get(key)!r}")
+    for key in UNIT:
+        if not 0.0 <= get(key) <= 1.0:
+            raise ConfigError(f"{key} must lie in [0, 1], got {get(key)!r}")
+    if cfg.data.small_crops < 0:
+        raise ConfigError(f"data.small_crops must be >= 0, got {cfg.data.small_crops}")
+    if len(cfg.eval.knn_k) != len(cfg.eval.knn_t):
+        raise ConfigError(f"eval.knn_k and eval.knn_t must have the same length, got {cfg.eval.knn_k} and {cfg.eval.knn_t}")
+    for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers"):
+        if get(key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {get(key)!r}")
+
+
+def load_config(name_or_path: str = "quickstart", overrides: list[str] | None = None) -> Config:
+    """Read a recipe and apply overrides; returns a checked Config."""
+    path = config_path(name_or_path)
+    with open(path) as handle:
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    cfg = Config()
+    _apply(cfg, values)
+    if "name" not in values:
+        cfg.name = os.path.splitext(os.path.basename(path))[0]
+    _apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists), ready for YAML."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,229 @@
+"""Datasets as uint8 image tensors, the multi-crop training set and the loaders.
+
+`load_split(cfg, "train" | "test")` returns an ImageSet (items: (uint8 [C, H, W], label)). A dataset
+that is not where it was looked for raises DatasetNotFound saying where and how to get it.
+Augmentations are seeded per (seed, epoch, dataset index), so a sample's crops do not depend on the
+worker, the batch or an interruption: that is what makes a mid-epoch resume exact.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from smog.config import Config, DataConfig
+from smog.transforms import MultiCrop, clean_transform
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+STATS = {  # (channels, native size, mean, std)
+    "fashion_mnist": (1, 28, (0.286,), (0.353,)),
+    "mnist": (1, 28, (0.131,), (0.308,)),
+    "digits": (1, 8, (0.305,), (0.378,)),
+    "cifar10": (3, 32, (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)),
+    "cifar100": (3, 32, (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+    "stl10": (3, 96, (0.447, 0.440, 0.407), (0.260, 0.257, 0.271)),
+    "folder": (3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DatasetNotFound(FileNotFoundError):
+    """The dataset is not where it was looked for; the message says how to get it."""
+
+
+class ImageSet(Dataset):
+    """uint8 images (a tensor [N, C, H, W], or a loader of index -> [C, H, W]) with int labels [N]."""
+
+    def __init__(self, images: torch.Tensor | Callable[[int], torch.Tensor], labels: torch.Tensor, size: int):
+        self.images, self.labels, self.size = images, labels, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> torch.Tensor:
+        return self.images[index] if isinstance(self.images, torch.Tensor) else self.images(index)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image(index), int(self.labels[index])
+
+    def subset(self, count: int) -> "ImageSet":
+        """The first `count` items (all when count is 0 or larger than the set)."""
+        if count <= 0 or count >= len(self):
+            return self
+        images = self.images[:count] if isinstance(self.images, torch.Tensor) else self.images
+        return ImageSet(images, self.labels[:count], self.size)
+
+
+def _idx_file(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def _fashion_mnist(root: str, train: bool, download: bool) -> ImageSet:
+    prefix = "train" if train else "t10k"
+    looked = []
+    for folder in [root] if root else [DEBIAN_FASHION_MNIST]:
+        for sub in ("", "FashionMNIST/raw"):
+            images = os.path.join(folder, sub, f"{prefix}-images-idx3-ubyte.gz")
+            labels = os.path.join(folder, sub, f"{prefix}-labels-idx1-ubyte.gz")
+            looked.append(images)
+            if os.path.isfile(images) and os.path.isfile(labels):
+                x = torch.from_numpy(_idx_file(images).copy()).unsqueeze(1)
+                return ImageSet(x, torch.from_numpy(_idx_file(labels).astype(np.int64)), 28)
+    if download:
+        return _torchvision("FashionMNIST", root or os.path.expanduser("~/.cache/smog/data"), train, True)
+    raise DatasetNotFound(
+        f"Fashion-MNIST not found (looked for {', '.join(looked)}). Install Debian's files "
+        f"(apt-get install dataset-fashion-mnist, into {DEBIAN_FASHION_MNIST}), point data.root at a folder "
+        f"holding the four *-ubyte.gz files, or pass data.download=true to fetch it with torchvision.")
+
+
+def _torchvision(name: str, root: str, train: bool, download: bool) -> ImageSet:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, name)
+    try:
+        if name == "STL10":
+            ds = cls(root, split="train" if train else "test", download=download)
+        else:
+            ds = cls(root, train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise DatasetNotFound(
+            f"{name} not found under {os.path.abspath(root)} ({error}). Pass data.download=true to let "
+            f"torchvision fetch it there, or point data.root at a folder that holds it.") from None
+    data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
+    x = torch.from_numpy(np.ascontiguousarray(data))
+    x = x.unsqueeze(1) if x.dim() == 3 else (x if name == "STL10" else x.permute(0, 3, 1, 2).contiguous())
+    labels = ds.labels if name == "STL10" else ds.targets
+    return ImageSet(x, torch.as_tensor(np.asarray(labels), dtype=torch.int64), x.shape[-1])
+
+
+def _digits(train: bool) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    cut = 1500
+    return ImageSet(x[:cut], y[:cut], 8) if train else ImageSet(x[cut:], y[cut:], 8)
+
+
+def _folder(root: str, train: bool) -> ImageSet:
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_image
+
+    split = os.path.join(root, "train" if train else "val")
+    if not root or not os.path.isdir(split):
+        raise DatasetNotFound(
+            f"image folder split not found at {os.path.abspath(split) if root else '(data.root is empty)'}: "
+            f"set data.root to a folder with train/ and val/ subfolders, one subfolder per class "
+            f"(the ImageNet layout).")
+    folder = ImageFolder(split)
+    paths = [p for p, _ in folder.samples]
+    return ImageSet(lambda i: decode_image(paths[i], mode=ImageReadMode.RGB),
+                    torch.tensor(folder.targets, dtype=torch.int64), 224)
+
+
+def load_split(cfg: DataConfig, split: str) -> ImageSet:
+    """The "train" or "test" split of cfg.name as an ImageSet."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    train = split == "train"
+    root = cfg.root or os.path.expanduser("~/.cache/smog/data")
+    if cfg.name == "fashion_mnist":
+        return _fashion_mnist(cfg.root, train, cfg.download)
+    if cfg.name == "digits":
+        return _digits(train)
+    if cfg.name == "folder":
+        return _folder(cfg.root, train)
+    names = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
+    if cfg.name not in names:
+        raise ValueError(f"data.name must be one of {', '.join(STATS)}, got {cfg.name!r}")
+    return _torchvision(names[cfg.name], root, train, cfg.download)
+
+
+class MultiCropSet(Dataset):
+    """Items: {"q": [crops], "k": [crops], "index": dataset index}, crops seeded by (seed, epoch, index)."""
+
+    def __init__(self, images: ImageSet, transform: MultiCrop, seed: int):
+        self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + (self.epoch + 1) * 2_147_483 + index) % (2 ** 63))
+            crops = self.transform(self.images.image(index))
+        return {**crops, "index": index}
+
+
+class CleanSet(Dataset):
+    """Evaluation items: (clean normalised image, label)."""
+
+    def __init__(self, images: ImageSet, transform: Callable):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.images[index]
+        return self.transform(image), label
+
+
+class ResumableSampler(Sampler[int]):
+    """A DistributedSampler's epoch order, minus the first `skip` indices (a mid-epoch resume)."""
+
+    def __init__(self, inner: DistributedSampler, skip: int = 0):
+        self.inner, self.skip = inner, skip
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+@dataclass
+class DataInfo:
+    channels: int
+    size: int  # large crop / evaluation size
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def data_info(cfg: DataConfig) -> DataInfo:
+    channels, native, mean, std = STATS[cfg.name]
+    return DataInfo(channels, cfg.large_size, mean, std)
+
+
+def train_set(cfg: Config) -> MultiCropSet:
+    info = data_info(cfg.data)
+    images = load_split(cfg.data, "train").subset(cfg.data.train_subset)
+    return MultiCropSet(images, MultiCrop(cfg.data, info.channels, info.mean, info.std), cfg.train.seed)
+
+
+def clean_set(cfg: DataConfig, split: str, count: int = 0) -> CleanSet:
+    """Clean evaluation images of a split (first `count` when count > 0)."""
+    info = data_info(cfg)
+    images = load_split(cfg, split).subset(count)
+    return CleanSet(images, clean_transform(cfg.large_size, images.size, info.mean, info.std))
+
+
+def make_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, sampler: Sampler | None = None,
+                drop_last: bool = False, pin: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      num_workers=cfg.workers, pin_memory=pin and cfg.pin_memory,
+                      persistent_workers=False)

@@ -1,0 +1,47 @@
+"""`smog eval {knn,linear} CHECKPOINT [section.key=value ...]`: frozen-feature evaluation of a checkpoint's
+online backbone, with the checkpoint's own config (overrides apply, e.g. eval.linear_epochs=20)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from smog import checkpoint
+from smog.config import Config, ConfigError, _apply, parse_overrides, validate
+from smog.data import DatasetNotFound
+from smog.evaluation import knn_scores, linear_score
+from smog.trainer import build_model, pick_device
+
+
+def config_of(state: dict, overrides: list[str]) -> Config:
+    cfg = Config()
+    _apply(cfg, state["config"])
+    _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="smog eval", description=__doc__)
+    parser.add_argument("protocol", choices=("knn", "linear"))
+    parser.add_argument("checkpoint")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        state = checkpoint.load(args.checkpoint)
+        cfg = config_of(state, args.overrides)
+        device = pick_device(cfg.train.device)
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+        backbone = model.online.backbone.to(device)
+        if args.protocol == "knn":
+            result = knn_scores(backbone, cfg, device)
+        else:
+            result = {"linear_top1": linear_score(backbone, cfg, device)}
+    except (ConfigError, DatasetNotFound, FileNotFoundError) as error:
+        print(f"smog eval: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"checkpoint": args.checkpoint, "epoch": state["epoch"], **result}, indent=2))
+    return 0

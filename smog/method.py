@@ -1,0 +1,122 @@
+"""The SMoG method: online and momentum networks, H heads of K group features, one iteration's loss.
+
+Per iteration and head h (SMOG_SPEC.md, "One training iteration"), through smog_kernels.grouping_step:
+targets = groups of the momentum z of the two large k crops under G_h; the online z of large q crop
+(h mod 2) are assigned under G_h, their statistics move G_h to G'_h; every q crop's prediction is scored
+against G'_h for both targets. The loss is the mean over heads.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import smog_kernels
+from smog.config import Config
+from smog.heads import predictor, projector
+
+StatsReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _by_resolution(crops: list[torch.Tensor], net: nn.Module) -> list[torch.Tensor]:
+    """Run `net` once per run of equal-sized crops (large crops together, small crops together)."""
+    outputs: list[torch.Tensor] = []
+    start = 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        outputs += list(net(torch.cat(crops[start:end])).chunk(end - start))
+        start = end
+    return outputs
+
+
+class OnlineNet(nn.Module):
+    """backbone -> projector -> predictor. forward(crops: V x [N, C, h, w]) -> (z [V, N, D], p [V, N, D]), unit rows."""
+
+    def __init__(self, backbone: nn.Module, proj_hidden: int, pred_hidden: int, dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector(backbone.out_features, proj_hidden, dim)
+        self.predictor = predictor(dim, pred_hidden)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.projector(self.backbone(x))
+        return torch.cat([z, self.predictor(z)], dim=1)
+
+    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.stack(_by_resolution(crops, self._encode)).float()
+        z, p = out.chunk(2, dim=2)
+        return F.normalize(z, dim=2), F.normalize(p, dim=2)
+
+
+class MomentumNet(nn.Module):
+    """EMA copy of backbone -> projector. forward(crops: T x [N, C, h, w]) -> z [T, N, D], unit rows."""
+
+    def __init__(self, online: OnlineNet):
+        super().__init__()
+        self.backbone = copy.deepcopy(online.backbone)
+        self.projector = copy.deepcopy(online.projector)
+        for param in self.parameters():
+            param.requires_grad_(False)
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        z = torch.stack(_by_resolution(crops, lambda x: self.projector(self.backbone(x)))).float()
+        return F.normalize(z, dim=2)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar: mean over heads, targets, q crops, samples
+    groups: torch.Tensor  # [H, K, D]: the updated groups G'
+    counts: torch.Tensor  # int64 [H, K]: members of each group in this step's update rows
+    bank_rows: torch.Tensor  # [2, N, D]: online z of the large q crops (detached), for the memory bank
+
+
+class SMoG(nn.Module):
+    """Online + momentum networks and the group features `groups` [H, K, D] (a buffer, unit rows)."""
+
+    def __init__(self, backbone: nn.Module, cfg: Config):
+        super().__init__()
+        self.cfg = cfg.method
+        self.online = OnlineNet(backbone, cfg.model.proj_hidden, cfg.model.pred_hidden, cfg.model.dim)
+        self.momentum = MomentumNet(self.online)
+        groups = F.normalize(torch.randn(cfg.method.heads, cfg.method.groups, cfg.model.dim), dim=2)
+        self.register_buffer("groups", groups)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """theta_k <- theta_q (start of every epoch)."""
+        self.momentum.backbone.load_state_dict(self.online.backbone.state_dict())
+        self.momentum.projector.load_state_dict(self.online.projector.state_dict())
+
+    @torch.no_grad()
+    def ema_update(self, rate: float) -> None:
+        """theta_k <- rate * theta_k + (1 - rate) * theta_q; buffers (BN statistics) are copied."""
+        pairs = [(self.momentum.backbone, self.online.backbone), (self.momentum.projector, self.online.projector)]
+        for target, source in pairs:
+            k_params, q_params = list(target.parameters()), list(source.parameters())
+            torch._foreach_mul_(k_params, rate)
+            torch._foreach_add_(k_params, q_params, alpha=1.0 - rate)
+            for k_buf, q_buf in zip(target.buffers(), source.buffers()):
+                k_buf.copy_(q_buf)
+
+    def step(self, online: nn.Module, q: list[torch.Tensor], k: list[torch.Tensor], beta: float,
+             reduce_stats: StatsReducer | None = None) -> StepOutput:
+        """One iteration's loss. online: self.online or its DDP wrapper; q: q crops (2 large first), k: 2 large crops."""
+        z_q, p_q = online(q)
+        with torch.no_grad():
+            z_k = self.momentum(k)
+        losses, groups, counts = [], [], []
+        for h in range(self.cfg.heads):
+            out = smog_kernels.grouping_step(
+                self.groups[h], z_k, z_q[h % 2], p_q, beta, self.cfg.temperature,
+                grad_centroids=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
+            losses.append(out.loss)
+            groups.append(out.centroids.detach())
+            counts.append(out.counts)
+        return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts), z_q[:2].detach())

@@ -1,0 +1,55 @@
+"""SMoG's asymmetric multi-crop augmentations on torchvision.transforms.v2.
+
+q set: 2 large crops (Gaussian blur p=1.0, no solarisation) + `small_crops` small crops; k set: 2 large
+crops (blur p=0.1, solarisation p=0.2). Colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and grayscale p=0.2 on
+colour images; brightness/contrast jitter only on grey ones. Inputs are uint8 tensors [C, H, W].
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from smog.config import DataConfig
+
+
+def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int, mean: tuple[float, ...],
+          std: tuple[float, ...], blur_p: float, solarize_p: float) -> v2.Compose:
+    steps: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+    if cfg.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.color:
+        if channels == 3:
+            steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        else:
+            steps.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4)], p=0.8))
+    if cfg.blur and blur_p > 0:
+        kernel = max(3, (size // 10) | 1)  # odd, ~10% of the crop as in SimCLR/BYOL
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if cfg.color and solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+class MultiCrop:
+    """uint8 image [C, H, W] -> {"q": [2 large + S small crops], "k": [2 large crops]} (float, normalised)."""
+
+    def __init__(self, cfg: DataConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.q_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 1.0, 0.0)
+        self.k_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 0.1, 0.2)
+        self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, 1.0, 0.0)
+        self.small_crops = cfg.small_crops
+
+    def __call__(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        q = [self.q_large(image), self.q_large(image)] + [self.q_small(image) for _ in range(self.small_crops)]
+        return {"q": q, "k": [self.k_large(image), self.k_large(image)]}
+
+
+def clean_transform(size: int, native: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
+    """Evaluation view: resize + centre crop to `size` when the images are larger (ImageNet style), else as is."""
+    steps: list = []
+    if native != size:
+        steps += [v2.Resize(int(round(size * 256 / 224)) if native > size else size, antialias=True),
+                  v2.CenterCrop(size)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
