@@ -208,12 +208,12 @@ def momentum_kernel(
 @triton.jit
 def loss_fwd_kernel(
     p_ptr, c_ptr, tgt_ptr, m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, tl_ptr,
-    N, K, D, T, tiles_per_split, scale2, inv_t,
+    N, K, D, T, tiles_per_split, inv_t,
     stride_pn, stride_pd, stride_ck, stride_cd, stride_tt, stride_tn,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """Program (row block, split) streams its centroid tiles with a running max (log2 units),
+    """Program (row block, split) streams its centroid tiles with a running max of the logits,
     sum of exponentials and rescaled accumulator sum_k e^{l_k} c_k. FINAL (one split): writes
     lse [N] and attention [N, D]; otherwise the partial (m, l, acc) [split, N(, D)] for the merge
     kernel. Split 0 also writes the target logits <p, c_y> / tau for the T target sets."""
@@ -236,17 +236,17 @@ def loss_fwd_kernel(
         col_ok = cols < K
         c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
+        s = _dot(q, tl.trans(c), PRECISION, UPCAST) * inv_t
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        e = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
+        e = tl.exp2(s * 1.4426950408889634 - (m_new * 1.4426950408889634)[:, None])
         l_i = l_i * alpha + tl.sum(e, 1)
         acc = acc * alpha[:, None] + _dot(_operand(e, c, UPCAST), c, PRECISION, UPCAST)
         m_i = m_new
     if FINAL:
         l_i = tl.where(row_ok, l_i, 1.0)  # padding rows: keep log2/divide quiet
-        tl.store(lse_ptr + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+        tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
         tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / l_i[:, None],
                  mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -255,12 +255,15 @@ def loss_fwd_kernel(
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     if pid_s == 0:
-        qf = q.to(tl.float32)
+        # target logits through the same tl.dot as the streamed tiles (the diagonal of
+        # q @ c_y^T), so that lse - logit is exactly 0 where the softmax is exactly one-hot (K = 1)
+        diag = tl.arange(0, BM)[:, None] == tl.arange(0, BM)[None, :]
         for t in range(0, T):
             y = tl.load(tgt_ptr + t * stride_tt + r64 * stride_tn, mask=row_ok, other=0)
             cy = tl.load(c_ptr + y[:, None] * stride_ck + d[None, :] * stride_cd,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            tl.store(tl_ptr + t * N + rows, tl.sum(qf * cy, 1) * inv_t, mask=row_ok)
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * inv_t
+            tl.store(tl_ptr + t * N + rows, tl.sum(tl.where(diag, sd, 0.0), 1), mask=row_ok)
 
 
 @triton.jit
@@ -268,8 +271,8 @@ def loss_merge_kernel(
     m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, N, D, SPLIT,
     BM: tl.constexpr, BD: tl.constexpr,
 ):
-    """Combines the splits' (m, l, acc): M = max m_s, L = sum l_s 2^(m_s - M),
-    attention = sum acc_s 2^(m_s - M) / L, lse = (M + log2 L) ln 2."""
+    """Combines the splits' (m, l, acc): M = max m_s, L = sum l_s e^(m_s - M),
+    attention = sum acc_s e^(m_s - M) / L, lse = M + log L."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_ok = rows < N
@@ -283,11 +286,11 @@ def loss_merge_kernel(
     acc = tl.zeros([BM, BD], tl.float32)
     for s in range(0, SPLIT):
         part = s * N + r64
-        w = tl.exp2(tl.load(m_ptr + part, mask=row_ok, other=0.0) - big)
+        w = tl.exp2((tl.load(m_ptr + part, mask=row_ok, other=0.0) - big) * 1.4426950408889634)
         total += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=mask, other=0.0)
     total = tl.where(row_ok, total, 1.0)
-    tl.store(lse_ptr + rows, (big + tl.log2(total)) * 0.6931471805599453, mask=row_ok)
+    tl.store(lse_ptr + rows, big + tl.log(total), mask=row_ok)
     tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / total[:, None], mask=mask)
 
 
@@ -297,14 +300,15 @@ def loss_merge_kernel(
 @triton.jit
 def centroid_grad_kernel(
     p_ptr, c_ptr, lse_ptr, w_ptr, wmax_ptr, out_ptr,
-    N, K, D, rows_per_split, scale2, out_scale,
+    N, K, D, rows_per_split, inv_t,
     stride_pn, stride_pd, stride_ck, stride_cd,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, NORMALIZE_W: tl.constexpr,
 ):
-    """Program (centroid block, row split): out[split, k] = out_scale * wmax *
-    sum_b (w_b / wmax) softmax_bk p_b over its rows, recomputing the softmax from the saved lse.
-    Weights are divided by max|w| before the 16-bit cast so tiny weights do not underflow."""
+    """Program (centroid block, row split): out[split, k] = inv_t * sum_b w_b softmax_bk p_b over its
+    rows, recomputing the softmax from the saved lse. NORMALIZE_W (float16): the weights are divided
+    by max|w| before the 16-bit cast, and the result multiplied back, so tiny weights do not
+    underflow."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_k * BN + tl.arange(0, BN)
@@ -325,11 +329,16 @@ def centroid_grad_kernel(
         r64 = rows.to(tl.int64)
         q = tl.load(p_ptr + r64[:, None] * stride_pn + d[None, :] * stride_pd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0) / wdiv
-        s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
-        prob = tl.exp2(s - lse2[:, None]) * w[:, None]
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+        if NORMALIZE_W:
+            w = w / wdiv
+        # logits exactly as in the forward pass, so a one-hot softmax gives exactly 1
+        s = _dot(q, tl.trans(c), PRECISION, UPCAST) * inv_t
+        prob = tl.exp2((s - lse[:, None]) * 1.4426950408889634) * w[:, None]
         prob = tl.where(row_ok[:, None], prob, 0.0)
         acc += _dot(tl.trans(_operand(prob, q, UPCAST)), q, PRECISION, UPCAST)
     out = (pid_s.to(tl.int64) * K + c64)[:, None] * D + d[None, :]
-    tl.store(out_ptr + out, acc * (out_scale * wdiv), mask=col_ok[:, None] & d_ok[None, :])
+    if NORMALIZE_W:
+        acc = acc * wdiv
+    tl.store(out_ptr + out, acc * inv_t, mask=col_ok[:, None] & d_ok[None, :])

@@ -249,7 +249,7 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     inv_t = float(inv_temperature)
     k.loss_fwd_kernel[(row_blocks, split)](
         p, centroids, targets, m_part, l_part, acc_part, lse, att, tlog,
-        n, kk, d, t, per, inv_t * _LOG2E, inv_t,
+        n, kk, d, t, per, inv_t,
         p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
         targets.stride(0), targets.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p), FINAL=split == 1,
@@ -285,9 +285,10 @@ def loss_centroid_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tens
     inv_t = float(inv_temperature)
     k.centroid_grad_kernel[(col_blocks, split)](
         p, centroids, lse, row_weight, wmax, out,
-        n, kk, d, per_tiles * bm, inv_t * _LOG2E, inv_t,
+        n, kk, d, per_tiles * bm, inv_t,
         p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p),
+        NORMALIZE_W=p.dtype == torch.float16,
         **_launch_kw(cfg),
     )
     return out[0] if split == 1 else out.sum(0)
