@@ -1,0 +1,229 @@
+// smog::loss_forward and smog::loss_centroid_grad on CUDA.
+//
+// loss_forward is attention with queries p and keys = values = centroids, flash-attention style: a
+// block owns 64 rows of p and a 128-wide slice of D (grid.z, so any D works; for D <= 128 there is one
+// slice) and streams over 64-centroid tiles. Per tile: the score tile (tensor cores for bf16/fp16),
+// logits l = s * inv_t, the running row max m and sum-exp l rescaled by exp(m_old - m_new), the
+// numerators exp(l - m_new) written over the score tile, and the float32 accumulator
+// acc = acc * exp(m_old - m_new) + P . C_tile (CUDA cores, float32). At the end
+// attention = acc / l and lse = m + log(l). Nothing of size N x K is ever stored. The target logits
+// <p_b, c_y> * inv_t come from a small kernel (one warp per (t, b)).
+//
+// loss_centroid_grad swaps the roles: a block owns 64 centroids and a D slice and streams over
+// 64-row tiles of p: P[k][b] = w_b exp(<c_k, p_b> inv_t - lse_b), acc += P . p_tile, out = inv_t acc.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace smog_cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N, int64_t K, int64_t D,
+                    float inv_t, float* __restrict__ lse, float* __restrict__ attention) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.z) * DC;
+  float* S = reinterpret_cast<float*>(smem + kScoreOffset);
+  float* row_scale = reinterpret_cast<float*>(smem + kVecOffset);
+  float* row_sum = row_scale + 64;
+  const int r = threadIdx.x >> 2, q = threadIdx.x & 3;  // softmax: 4 threads per row, 16 columns each
+
+  float m_run = -INFINITY, l_run = 0.0f;
+  float acc[4][8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < K; k0 += BN) {
+    score_tile<T>(p, N, row0, c, K, k0, D, smem);
+    float* srow = S + r * LDS + q * 16;
+    float mt = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      if (k0 + q * 16 + j < K) mt = fmaxf(mt, srow[j] * inv_t);
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+    const float m_new = fmaxf(m_run, mt);
+    const float scale = expf(m_run - m_new);  // 0 on the first tile (m_run = -inf)
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float e = (k0 + q * 16 + j < K) ? expf(srow[j] * inv_t - m_new) : 0.0f;
+      srow[j] = e;
+      sum += e;
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    l_run = l_run * scale + sum;
+    m_run = m_new;
+    if (q == 0) row_scale[r] = scale;
+    load_value_tile<T>(c, K, k0, D, d0, smem);
+    __syncthreads();
+    accumulate_pv(acc, smem, row_scale);
+    __syncthreads();  // the next tile overwrites S, V and row_scale
+  }
+  if (q == 0) {
+    row_sum[r] = l_run;
+    if (blockIdx.z == 0 && row0 + r < N) lse[row0 + r] = m_run + logf(l_run);
+  }
+  __syncthreads();
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + ty + 16 * i;
+    if (row >= N) continue;
+    const float inv_l = 1.0f / row_sum[ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t d = d0 + tx + 16 * j;
+      if (d < D) attention[row * D + d] = acc[i][j] * inv_l;
+    }
+  }
+}
+
+// out[t, b] = <p_b, c_{targets[t, b]}> * inv_t, one warp per (t, b).
+template <typename T>
+__global__ void target_logits_kernel(const T* __restrict__ p, const T* __restrict__ c,
+                                     const int64_t* __restrict__ targets, int64_t TN, int64_t N, int64_t D,
+                                     float inv_t, float* __restrict__ out) {
+  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= TN) return;
+  const int64_t b = w % N;
+  const T* prow = p + b * D;
+  const T* crow = c + targets[w] * D;
+  float dot = 0.0f;
+  for (int64_t d = lane; d < D; d += 32) dot = fmaf(to_float(prow[d]), to_float(crow[d]), dot);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+  if (lane == 0) out[w] = dot * inv_t;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+centroid_grad_kernel(const T* __restrict__ p, const T* __restrict__ c, const float* __restrict__ lse,
+                     const float* __restrict__ row_weight, int64_t N, int64_t K, int64_t D, float inv_t,
+                     float* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t k_first = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.z) * DC;
+  float* S = reinterpret_cast<float*>(smem + kScoreOffset);
+  float* col_weight = reinterpret_cast<float*>(smem + kVecOffset);
+  float* col_lse = col_weight + 64;
+
+  float acc[4][8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+  for (int64_t b0 = 0; b0 < N; b0 += BN) {
+    if (threadIdx.x < BN) {
+      const int64_t b = b0 + threadIdx.x;
+      col_weight[threadIdx.x] = b < N ? row_weight[b] : 0.0f;
+      col_lse[threadIdx.x] = b < N ? lse[b] : 0.0f;
+    }
+    score_tile<T>(c, K, k_first, p, N, b0, D, smem);  // S[k][b]; its barriers publish col_*
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int rr = e / BN, cc = e % BN;
+      float* s = S + rr * LDS + cc;
+      *s = (b0 + cc < N) ? col_weight[cc] * expf(*s * inv_t - col_lse[cc]) : 0.0f;
+    }
+    load_value_tile<T>(p, N, b0, D, d0, smem);
+    __syncthreads();
+    accumulate_pv(acc, smem, nullptr);
+    __syncthreads();
+  }
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t k = k_first + ty + 16 * i;
+    if (k >= K) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int64_t d = d0 + tx + 16 * j;
+      if (d < D) out[k * D + d] = acc[i][j] * inv_t;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tensor& p_in, const at::Tensor& c_in,
+                                                                 const at::Tensor& targets_in,
+                                                                 double inv_temperature) {
+  TORCH_CHECK(p_in.dim() == 2 && c_in.dim() == 2 && p_in.size(1) == c_in.size(1),
+              "smog::loss_forward: p [N, D] and centroids [K, D] expected");
+  TORCH_CHECK(p_in.scalar_type() == c_in.scalar_type(), "smog::loss_forward: p and centroids must share a dtype");
+  TORCH_CHECK(targets_in.dim() == 2 && targets_in.size(1) == p_in.size(0) && targets_in.scalar_type() == at::kLong,
+              "smog::loss_forward: targets must be int64 [T, N]");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const at::Tensor p = p_in.contiguous(), c = c_in.contiguous(), targets = targets_in.contiguous();
+  const int64_t N = p.size(0), D = p.size(1), K = c.size(0), T_ = targets.size(0);
+  const auto f32 = p.options().dtype(at::kFloat);
+  auto lse = at::empty({N}, f32);
+  auto target_logits = at::empty({T_, N}, f32);
+  auto attention = at::empty({N, D}, f32);
+  if (N == 0) return {lse, target_logits, attention};
+  TORCH_CHECK(K >= 1, "smog::loss_forward: centroids must hold at least one row");
+  const float inv_t = static_cast<float>(inv_temperature);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_feature_type(p.scalar_type(), "smog::loss_forward", [&](auto tag) {
+    using T = decltype(tag);
+    const T* pp = reinterpret_cast<const T*>(p.data_ptr());
+    const T* cp = reinterpret_cast<const T*>(c.data_ptr());
+    auto kernel = loss_forward_kernel<T>;
+    allow_dynamic_smem(kernel, kSmemWithValues);
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), 1,
+                    static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC))));
+    kernel<<<grid, kThreads, kSmemWithValues, stream>>>(pp, cp, N, K, D, inv_t, lse.data_ptr<float>(),
+                                                        attention.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t TN = T_ * N;
+    if (TN > 0) {
+      target_logits_kernel<T><<<static_cast<unsigned>(ceil_div(TN, 8)), 256, 0, stream>>>(
+          pp, cp, targets.data_ptr<int64_t>(), TN, N, D, inv_t, target_logits.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {lse, target_logits, attention};
+}
+
+at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_in, const at::Tensor& lse_in,
+                                   const at::Tensor& w_in, double inv_temperature) {
+  TORCH_CHECK(p_in.dim() == 2 && c_in.dim() == 2 && p_in.size(1) == c_in.size(1),
+              "smog::loss_centroid_grad: p [N, D] and centroids [K, D] expected");
+  TORCH_CHECK(p_in.scalar_type() == c_in.scalar_type(),
+              "smog::loss_centroid_grad: p and centroids must share a dtype");
+  TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == p_in.size(0) && w_in.dim() == 1 && w_in.size(0) == p_in.size(0),
+              "smog::loss_centroid_grad: lse and row_weight must be [N]");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const at::Tensor p = p_in.contiguous(), c = c_in.contiguous();
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous(), w = w_in.to(at::kFloat).contiguous();
+  const int64_t N = p.size(0), D = p.size(1), K = c.size(0);
+  auto out = at::empty({K, D}, p.options().dtype(at::kFloat));
+  if (K == 0) return out;
+  const float inv_t = static_cast<float>(inv_temperature);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_feature_type(p.scalar_type(), "smog::loss_centroid_grad", [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = centroid_grad_kernel<T>;
+    allow_dynamic_smem(kernel, kSmemWithValues);
+    const dim3 grid(static_cast<unsigned>(ceil_div(K, BM)), 1,
+                    static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC))));
+    kernel<<<grid, kThreads, kSmemWithValues, stream>>>(
+        reinterpret_cast<const T*>(p.data_ptr()), reinterpret_cast<const T*>(c.data_ptr()), lse.data_ptr<float>(),
+        w.data_ptr<float>(), N, K, D, inv_t, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace smog_cuda
+
+TORCH_LIBRARY_IMPL(smog, CUDA, m) {
+  m.impl("loss_forward", &smog_cuda::loss_forward_cuda);
+  m.impl("loss_centroid_grad", &smog_cuda::loss_centroid_grad_cuda);
+}
