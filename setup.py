@@ -36,7 +36,7 @@ def nvidia_wheel_includes() -> list[str]:
     return sorted(set(found))
 
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-DSMOG_PYTHON_MODULE"]
 cuda = want_cuda()
 extension_cls = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
 ext_sources = ["csrc/ops.cpp"] + sources("csrc/cpu/*.cpp")

@@ -1,8 +1,10 @@
 // Schemas of the smog:: operators. Implementations register per dispatch key:
 // csrc/cpu/*.cpp under CPU, csrc/cuda/*.cu under CUDA; fake (meta) kernels live in
 // smog_kernels/native.py so the ops trace under torch.compile.
-#include <Python.h>
 #include <torch/library.h>
+#ifdef SMOG_PYTHON_MODULE
+#include <Python.h>
+#endif
 
 TORCH_LIBRARY(smog, m) {
   // argmax_k <x_i, c_k> with ties to the smallest k -> (index int64 [N], score float32 [N])
@@ -20,6 +22,9 @@ TORCH_LIBRARY(smog, m) {
         " float inv_temperature) -> Tensor");
 }
 
-// `import smog_kernels._C` loads this library, which registers the operators above.
+#ifdef SMOG_PYTHON_MODULE
+// `import smog_kernels._C` loads this library, which registers the operators above. (setup.py
+// defines SMOG_PYTHON_MODULE; the CMake build for C++ users links no Python.)
 static struct PyModuleDef smog_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&smog_c_module); }
+#endif

@@ -1,0 +1,290 @@
+// Implementations of the micro-kernels declared in microkernels.h: portable loops, and AVX-512
+// intrinsics compiled with a function-level target attribute and picked by a run-time CPU check,
+// so one binary runs on any x86-64 (and the portable part on any other architecture).
+#include "cpu/microkernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SMOG_HAVE_AVX512 1
+#include <immintrin.h>
+// GCC's _mm512_reduce_* helpers start from _mm512_undefined_ps(), which -Wall reports.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#else
+#define SMOG_HAVE_AVX512 0
+#endif
+
+namespace smog::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---------------------------------------------------------------------------------------------
+// Portable loops (the compiler vectorises what it can).
+
+void tile_scores_portable(const float* block, const float* panel, int64_t dp, float scale,
+                          int64_t valid, float* out, int64_t ldo) {
+  float acc[kMR][kNR] = {};
+  for (int64_t d = 0; d < dp; ++d) {
+    const float* a = block + d * kMR;
+    const float* b = panel + d * kNR;
+    for (int64_t r = 0; r < kMR; ++r)
+      for (int64_t j = 0; j < kNR; ++j) acc[r][j] += a[r] * b[j];
+  }
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t j = 0; j < kNR; ++j) out[r * ldo + j] = j < valid ? scale * acc[r][j] : kNegInf;
+}
+
+void tile_argmax_portable(const float* block, const float* panel, int64_t dp, int64_t k0,
+                          int64_t valid, float* best, int32_t* arg) {
+  float acc[kMR][kNR] = {};
+  for (int64_t d = 0; d < dp; ++d) {
+    const float* a = block + d * kMR;
+    const float* b = panel + d * kNR;
+    for (int64_t r = 0; r < kMR; ++r)
+      for (int64_t j = 0; j < kNR; ++j) acc[r][j] += a[r] * b[j];
+  }
+  const int64_t lanes = std::min(valid, kNR);
+  for (int64_t r = 0; r < kMR; ++r)
+    for (int64_t j = 0; j < lanes; ++j)
+      if (acc[r][j] > best[r * kNR + j]) {
+        best[r * kNR + j] = acc[r][j];
+        arg[r * kNR + j] = static_cast<int32_t>(k0 + j);
+      }
+}
+
+void gemm_acc_portable(int64_t rows, int64_t inner, const float* a, int64_t lda, const float* b,
+                       int64_t ldb, float* c, int64_t ldc, int64_t dp) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < inner; ++j) {
+      const float w = a[r * lda + j];
+      const float* bj = b + j * ldb;
+      for (int64_t d = 0; d < dp; ++d) cr[d] += w * bj[d];
+    }
+  }
+}
+
+float max_of_portable(const float* v, int64_t n) {
+  float m = kNegInf;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+float exp_shift_sum_portable(float* v, int64_t n, float shift) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    v[i] = std::exp(v[i] - shift);
+    sum += v[i];
+  }
+  return sum;
+}
+
+void exp_columns_portable(float* v, int64_t n, const float* shift, const float* weight) {
+  for (int64_t i = 0; i < n; ++i) v[i] = weight[i] * std::exp(v[i] - shift[i]);
+}
+
+float dot_portable(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+const MicroKernels kPortable = {tile_scores_portable,   tile_argmax_portable, gemm_acc_portable,
+                                max_of_portable,        exp_shift_sum_portable,
+                                exp_columns_portable,   dot_portable,         "portable"};
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: a kMR x kNR block of scores lives in 2 * kMR = 28 zmm accumulators; each d-step
+// loads two panel vectors and broadcasts kMR row values straight from the packed row block.
+#if SMOG_HAVE_AVX512
+#define SMOG_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+
+// acc0[r], acc1[r] = <a_r, b_{0..15}>, <a_r, b_{16..31}>
+#define SMOG_TILE_DOT(block, panel, dp, acc0, acc1)                                  \
+  __m512 acc0[kMR], acc1[kMR];                                                       \
+  _Pragma("GCC unroll 14") for (int r = 0; r < kMR; ++r) {                           \
+    acc0[r] = _mm512_setzero_ps();                                                   \
+    acc1[r] = _mm512_setzero_ps();                                                   \
+  }                                                                                  \
+  for (int64_t d = 0; d < (dp); ++d) {                                               \
+    const __m512 b0 = _mm512_loadu_ps((panel) + d * kNR);                            \
+    const __m512 b1 = _mm512_loadu_ps((panel) + d * kNR + 16);                       \
+    const float* a = (block) + d * kMR;                                              \
+    _Pragma("GCC unroll 14") for (int r = 0; r < kMR; ++r) {                         \
+      const __m512 ar = _mm512_set1_ps(a[r]);                                        \
+      acc0[r] = _mm512_fmadd_ps(ar, b0, acc0[r]);                                    \
+      acc1[r] = _mm512_fmadd_ps(ar, b1, acc1[r]);                                    \
+    }                                                                                \
+  }
+
+SMOG_AVX512 inline __mmask16 lane_mask(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xFFFF) : valid <= 0 ? __mmask16(0) : __mmask16((1u << valid) - 1u);
+}
+
+SMOG_AVX512 void tile_scores_avx512(const float* block, const float* panel, int64_t dp, float scale,
+                                    int64_t valid, float* out, int64_t ldo) {
+  SMOG_TILE_DOT(block, panel, dp, acc0, acc1)
+  const __m512 s = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(kNegInf);
+  const __mmask16 m0 = lane_mask(valid), m1 = lane_mask(valid - 16);
+#pragma GCC unroll 14
+  for (int r = 0; r < kMR; ++r) {
+    _mm512_storeu_ps(out + r * ldo, _mm512_mask_mul_ps(ninf, m0, acc0[r], s));
+    _mm512_storeu_ps(out + r * ldo + 16, _mm512_mask_mul_ps(ninf, m1, acc1[r], s));
+  }
+}
+
+SMOG_AVX512 void tile_argmax_avx512(const float* block, const float* panel, int64_t dp, int64_t k0,
+                                    int64_t valid, float* best, int32_t* arg) {
+  SMOG_TILE_DOT(block, panel, dp, acc0, acc1)
+  const __m512i idx0 = _mm512_add_epi32(
+      _mm512_set1_epi32(static_cast<int32_t>(k0)),
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i idx1 = _mm512_add_epi32(idx0, _mm512_set1_epi32(16));
+  const __mmask16 m0 = lane_mask(valid), m1 = lane_mask(valid - 16);
+#pragma GCC unroll 14
+  for (int r = 0; r < kMR; ++r) {
+    float* br = best + r * kNR;
+    int32_t* ar = arg + r * kNR;
+    const __m512 best0 = _mm512_loadu_ps(br), best1 = _mm512_loadu_ps(br + 16);
+    const __mmask16 g0 = _mm512_mask_cmp_ps_mask(m0, acc0[r], best0, _CMP_GT_OQ);
+    const __mmask16 g1 = _mm512_mask_cmp_ps_mask(m1, acc1[r], best1, _CMP_GT_OQ);
+    _mm512_mask_storeu_ps(br, g0, acc0[r]);
+    _mm512_mask_storeu_ps(br + 16, g1, acc1[r]);
+    _mm512_mask_storeu_epi32(ar, g0, idx0);
+    _mm512_mask_storeu_epi32(ar + 16, g1, idx1);
+  }
+}
+
+// c[r][0:dp] += sum_j a[r][j] b[j][0:dp] for R rows: R x 64 columns (4 vectors) in registers.
+template <int R>
+SMOG_AVX512 void gemm_rows_avx512(int64_t inner, const float* a, int64_t lda, const float* b,
+                                  int64_t ldb, float* c, int64_t ldc, int64_t dp) {
+  for (int64_t c0 = 0; c0 < dp; c0 += 64) {
+    __mmask16 m[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) m[v] = lane_mask(dp - c0 - 16 * v);
+    __m512 acc[R][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_maskz_loadu_ps(m[v], c + r * ldc + c0 + 16 * v);
+    for (int64_t j = 0; j < inner; ++j) {
+      __m512 bv[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + j * ldb + c0 + 16 * v);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m512 ar = _mm512_set1_ps(a[r * lda + j]);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(c + r * ldc + c0 + 16 * v, m[v], acc[r][v]);
+  }
+}
+
+SMOG_AVX512 void gemm_acc_avx512(int64_t rows, int64_t inner, const float* a, int64_t lda,
+                                 const float* b, int64_t ldb, float* c, int64_t ldc, int64_t dp) {
+  constexpr int64_t kRows = 6;
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows)
+    gemm_rows_avx512<kRows>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp);
+  switch (rows - r) {
+    case 5: gemm_rows_avx512<5>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
+    case 4: gemm_rows_avx512<4>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
+    case 3: gemm_rows_avx512<3>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
+    case 2: gemm_rows_avx512<2>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
+    case 1: gemm_rows_avx512<1>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
+    default: break;
+  }
+}
+
+// exp(x) for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial (relative error < 1e-7), times 2^n by scalef. Below -104 the result is 0; NaN stays NaN.
+SMOG_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);  // max(c, NaN) returns the NaN operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+SMOG_AVX512 float max_of_avx512(const float* v, int64_t n) {
+  __m512 m = _mm512_set1_ps(kNegInf);
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, lane_mask(n - i), v + i));
+  return _mm512_reduce_max_ps(m);
+}
+
+SMOG_AVX512 float exp_shift_sum_avx512(float* v, int64_t n, float shift) {
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lane_mask(n - i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, v + i), s));
+    _mm512_mask_storeu_ps(v + i, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+SMOG_AVX512 void exp_columns_avx512(float* v, int64_t n, const float* shift, const float* weight) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = lane_mask(n - i);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, v + i), _mm512_maskz_loadu_ps(m, shift + i));
+    _mm512_mask_storeu_ps(v + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, weight + i), exp16(x)));
+  }
+}
+
+// one fused multiply-add per element in order, like each accumulator lane of SMOG_TILE_DOT
+SMOG_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc = __builtin_fmaf(a[i], b[i], acc);
+  return acc;
+}
+
+const MicroKernels kAvx512 = {tile_scores_avx512,   tile_argmax_avx512,   gemm_acc_avx512,
+                              max_of_avx512,        exp_shift_sum_avx512, exp_columns_avx512,
+                              dot_avx512,           "avx512"};
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+#endif  // SMOG_HAVE_AVX512
+
+const MicroKernels& choose() {
+  const char* force = std::getenv("SMOG_CPU_KERNELS");
+  if (force != nullptr && std::strcmp(force, "portable") == 0) return kPortable;
+#if SMOG_HAVE_AVX512
+  if (cpu_has_avx512()) return kAvx512;
+#endif
+  return kPortable;
+}
+
+}  // namespace
+
+const MicroKernels& micro_kernels() {
+  static const MicroKernels& chosen = choose();
+  return chosen;
+}
+
+}  // namespace smog::cpu
