@@ -6,8 +6,12 @@ momentum_update, loss_forward, loss_centroid_grad, supports) plus `assign_and_st
 first launch of a training step (assignment of all rows + statistics of the update rows).
 
 Statistics path: atomic float32 adds by default; the deterministic path (sort by group + segmented
-sum) is chosen by `smog_kernels.triton.ops.DETERMINISTIC = True`, by the environment variable
-SMOG_TRITON_DETERMINISTIC=1, or by torch.use_deterministic_algorithms(True).
+sum, bitwise reproducible) is chosen by `smog_kernels.triton.ops.DETERMINISTIC = True`, by the
+environment variable SMOG_TRITON_DETERMINISTIC=1, or by torch.use_deterministic_algorithms(True).
+
+No function here synchronises with the host, so a step built from them can be captured in a CUDA
+graph. Under torch.compile they dispatch to the registered operators `torch.ops.smog_triton.*`
+(smog_kernels.triton.library); eagerly they call the launchers directly.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import os
 
 import torch
 
-from smog_kernels.triton import ops
+from smog_kernels.triton import library, ops
 
 
 def supports(device: torch.device) -> bool:
@@ -25,29 +29,46 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _compiling():
+        return library.assign(x, centroids)
     return ops.assign(x, centroids)
 
 
 def assign_and_stats(
     x: torch.Tensor, centroids: torch.Tensor, stats_from: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(index, score) of every row of x, and (sums, counts) of the rows x[stats_from:] by their
-    assigned group: put the target rows first and the update rows last, one call per head."""
+    """(index, score) of every row of x, and (sums float32 [K, D], counts int64 [K]) of the rows
+    x[stats_from:] by their assigned group, in one launch on the atomic path. Put the target rows
+    first and the update rows last: one call per head assigns both and gathers the statistics."""
+    if _compiling():
+        return library.assign_and_stats(x, centroids, int(stats_from))
     return ops.assign(x, centroids, stats_from=int(stats_from))
 
 
 def group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _compiling():
+        return library.group_stats(x, index, num_groups)
     return ops.group_stats(x, index, num_groups)
 
 
 def momentum_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
+    if _compiling():
+        return library.momentum_update(centroids, sums, counts, float(beta))
     return ops.momentum_update(centroids, sums, counts, beta)
 
 
 def loss_forward(p, centroids, targets, inv_temperature):
+    if _compiling():
+        return library.loss_forward(p, centroids, targets, float(inv_temperature))
     return ops.loss_forward(p, centroids, targets, inv_temperature)
 
 
 def loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature):
+    if _compiling():
+        return library.loss_centroid_grad(p, centroids, lse, row_weight, float(inv_temperature))
     return ops.loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature)
