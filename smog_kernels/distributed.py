@@ -16,9 +16,13 @@ e = bytes per feature element:
   group that is dropped. N is `max_rows` when the caller gives it (same value on every rank);
   otherwise the row counts are all-gathered first: one more (tiny) collective and a host read.
 
-`choose_strategy` ("auto") takes the all-gather when it sends fewer bytes:
-W * N * (e D + 8) < 2 * 4 K (D + 2), i.e. roughly W * N < 2 K for float32 rows. `smog bench
-distributed` measures both on gloo over loopback (bench/results/distributed_*.json).
+`choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also sums all
+W * N received rows, and takes it when 2 * (its bytes) < (the all-reduce's bytes):
+W * N * (e D + 8) < 4 K (D + 2), i.e. about W * N < K for float32 rows. Measured on gloo over
+loopback (`smog bench distributed`, bench/results/distributed_gloo*.json; 2 CPU cores, W = 2,
+K = 3000, D = 128): all-gather faster up to N = 1024 (W N = 2048), all-reduce from N = 1536
+(W N = 3072) on; bytes alone would put the switch at W N = 2 K = 6000. With K = 65536 the
+all-gather wins at every N tried (256, 1024; W = 2, 3, 4), by 2-3x.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the
@@ -47,6 +51,8 @@ from smog_kernels.kmeans import lloyd
 STRATEGIES = ("auto", "allreduce", "allgather")
 _COUNT_SPLIT = 4096  # counts travel as (count // 4096, count % 4096): exact in float32 below 2**24
 _MAX_RANKS = 4096  # W * 4095 low parts must stay below 2**24
+# all_gather_single is the newer name of all_gather_into_tensor (deprecated since torch 2.14)
+_GATHER_INTO = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 # ---- process group helpers ---------------------------------------------------------------------
@@ -82,7 +88,7 @@ def _all_reduce(t: torch.Tensor, what: str, group: dist.ProcessGroup | None) -> 
 def _all_gather(t: torch.Tensor, what: str, group: dist.ProcessGroup | None) -> torch.Tensor:
     """t [n, ...] on every rank -> [W * n, ...] in rank order."""
     out = t.new_empty((world_size(group) * t.shape[0], *t.shape[1:]))
-    _collective(what, group, lambda: dist.all_gather_into_tensor(out, t.contiguous(), group=group))
+    _collective(what, group, lambda: _GATHER_INTO(out, t.contiguous(), group=group))
     return out
 
 
@@ -110,13 +116,14 @@ def bytes_moved(strategy: str, rows_per_rank: int, num_groups: int, dim: int, wo
 
 
 def choose_strategy(rows_per_rank: int, num_groups: int, dim: int, world: int, element_size: int = 4) -> str:
-    """"allgather" when it sends fewer bytes than "allreduce" (about W * N < 2 K), else "allreduce".
+    """"allgather" when twice its bytes (sent, then summed again on every rank) are fewer than
+    "allreduce"'s bytes, i.e. about W * N < K; else "allreduce".
 
     rows_per_rank must be the same on every rank (the largest share), or ranks would disagree.
     """
     gather = bytes_moved("allgather", rows_per_rank, num_groups, dim, world, element_size)
     reduce = bytes_moved("allreduce", rows_per_rank, num_groups, dim, world, element_size)
-    return "allgather" if gather < reduce else "allreduce"
+    return "allgather" if 2 * gather < reduce else "allreduce"
 
 
 # ---- autograd-aware collectives ----------------------------------------------------------------
