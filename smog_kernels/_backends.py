@@ -12,6 +12,10 @@ A fused backend is a module exposing the internal op set below, called with vali
     loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature)
         -> float32 [K, D] = inv_temperature * sum_b row_weight[b] softmax_bk p_b
     supports(device) -> bool
+
+Optional: assign_and_stats(x, centroids, stats_from) -> (index, score, sums, counts), the
+assignment of every row plus the statistics of rows x[stats_from:] in one pass; grouping_step
+uses it when present.
 """
 from __future__ import annotations
 

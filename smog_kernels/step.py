@@ -75,11 +75,16 @@ def grouping_step(
     k = centroids.shape[0]
     groups = centroids.detach()
     rows = torch.cat([target_rows.detach().reshape(t * n, d), update_rows.detach()])
-    index_all, _ = ops.assign(rows, groups)
+    fused_first_pass = getattr(ops, "assign_and_stats", None)
+    if fused_first_pass is not None and not grad_centroids:
+        index_all, _, sums, counts = fused_first_pass(rows, groups, stats_from=t * n)
+    else:
+        index_all, _ = ops.assign(rows, groups)
     targets, index = index_all[: t * n].view(t, n), index_all[t * n :]
 
-    stats_ops, update_input = (reference, update_rows) if grad_centroids else (ops, update_rows.detach())
-    sums, counts = stats_ops.group_stats(update_input, index, k)
+    stats_ops = reference if grad_centroids else ops
+    if fused_first_pass is None or grad_centroids:
+        sums, counts = stats_ops.group_stats(update_rows if grad_centroids else update_rows.detach(), index, k)
     if reduce_stats is not None:
         sums, counts = reduce_stats(sums, counts)
     updated = stats_ops.momentum_update(groups, sums, counts, float(beta))

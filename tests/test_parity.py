@@ -188,3 +188,38 @@ def test_kmeans_seeded_init_is_k_distinct_rows(generator):
     assert torch.equal(init, initial_centroids(x, 7, seed=11))
     assert torch.unique(init, dim=0).shape[0] == 7
     assert all(bool((x == row).all(dim=1).any()) for row in init), "an initial centroid is not a row of x"
+
+
+@pytest.mark.parametrize("backend,device,size", fused_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("grad_centroids", [False, True], ids=["detached", "grad-centroids"])
+def test_grouping_step_matches_reference(backend, device, size, dtype, grad_centroids, generator):
+    """The whole step of one head (fused first pass where the backend has one): its assignments are
+    argmaxes, and statistics, update, loss and gradients equal the reference built on them."""
+    require(backend)
+    k, n, d = (300, 129, 64) if size == "full" else (37, 9, 16)
+    g = unit_rows(k, d, dtype, device, generator)
+    target_rows = unit_rows(2 * n, d, dtype, device, generator).view(2, n, d)
+    update_rows = unit_rows(n, d, dtype, device, generator).requires_grad_()
+    predictions = unit_rows(3 * n, d, dtype, device, generator).view(3, n, d).requires_grad_()
+    step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.9, 0.1, grad_centroids, backend=backend)
+    step.loss.backward()
+    got_dp, got_dz = predictions.grad, update_rows.grad
+    predictions.grad = update_rows.grad = None
+
+    for t in range(2):
+        check_assignment(target_rows[t], g, step.targets[t], ref.assign(target_rows[t], g)[1], dtype)
+    check_assignment(update_rows.detach(), g, step.index, ref.assign(update_rows.detach(), g)[1], dtype)
+    sums, counts = ref.group_stats(update_rows if grad_centroids else update_rows.detach(), step.index, k)
+    updated = ref.momentum_update(g, sums, counts, 0.9)
+    loss = torch.stack([ref.group_contrastive_loss(predictions[v], updated, step.targets, 0.1, "mean", grad_centroids)
+                        for v in range(3)]).mean()
+    loss.backward()
+    assert torch.equal(step.counts, counts)
+    assert rel_err(step.centroids, updated) <= max(REL_TOL[dtype], 1e-5)
+    assert rel_err(step.loss, loss) <= REL_TOL[dtype]
+    assert rel_err(got_dp, predictions.grad) <= REL_TOL[dtype]
+    if grad_centroids:
+        assert rel_err(got_dz, update_rows.grad) <= REL_TOL[dtype]
+    else:
+        assert got_dz is None and update_rows.grad is None
