@@ -97,7 +97,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 256  # per process
+    batch_size: int = 256  # global batch, split evenly over the processes
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = True  # bf16 autocast where the device supports it (CUDA)

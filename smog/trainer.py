@@ -65,7 +65,11 @@ class Trainer:
                               f"training images per process: k-means cannot seed that many groups")
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.train.seed, drop_last=True)
-        self.steps_per_epoch = len(self.sampler) // cfg.train.batch_size
+        if cfg.train.batch_size % self.dist.world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide evenly over "
+                              f"{self.dist.world} processes")
+        self.batch_size = cfg.train.batch_size // self.dist.world
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.sampler)} images per "
                               f"process: no full batch per epoch")
@@ -136,8 +140,8 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         self.sampler.shuffle = shuffle
         self.sampler.set_epoch(epoch)
-        sampler = ResumableSampler(self.sampler, skip_steps * self.cfg.train.batch_size)
-        return make_loader(self.dataset, self.cfg.train.batch_size, self.cfg.data, sampler, drop_last=True,
+        sampler = ResumableSampler(self.sampler, skip_steps * self.batch_size)
+        return make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, drop_last=True,
                            pin=self.device.type == "cuda")
 
     def _to_device(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -176,7 +180,7 @@ class Trainer:
         beta = group_momentum(self.cfg.method, self.step, self.total_steps)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             out = self.model.step(self.online, q, k, beta, self.reduce_stats)
-        loss = float(out.loss)
+        loss = float(out.loss.detach())
         if not math.isfinite(loss):
             raise NonFiniteLoss(
                 f"loss became {loss} at epoch {self.epoch}, step {self.step}: stopping. The last good checkpoint "

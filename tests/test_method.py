@@ -1,0 +1,112 @@
+"""One training iteration against a hand-written step built from smog_kernels.reference (SMOG_SPEC.md order)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smog.config import load_config
+from smog.schedules import ema_rate, group_momentum
+from smog.trainer import Trainer
+from smog_kernels import reference
+
+
+def make_trainer(tmp_path, *overrides: str) -> Trainer:
+    cfg = load_config("digits", [f"train.out_dir={tmp_path}", *overrides])
+    return Trainer(cfg)
+
+
+def first_batch(trainer: Trainer) -> dict:
+    return next(iter(trainer._batches(trainer.epoch, 0)))
+
+
+def hand_step(model, batch: dict, step: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spec's iteration written out with reference ops: (loss, updated groups [H, K, D], bank rows [2, N, D]).
+
+    Crops of one size go through a network together (one BatchNorm batch), as the trainer does.
+    """
+    q, k = list(batch["q"]), list(batch["k"])
+    if step % 2 == 1:
+        q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
+    online = model.online
+    z_q, p_q = [], []
+    for size_group in (q[:2], q[2:]):
+        if not size_group:
+            continue
+        h = online.projector(online.backbone(torch.cat(size_group)))
+        z_q += list(F.normalize(h, dim=1).chunk(len(size_group)))
+        p_q += list(F.normalize(online.predictor(h), dim=1).chunk(len(size_group)))
+    with torch.no_grad():
+        z_k = F.normalize(model.momentum.projector(model.momentum.backbone(torch.cat(k))), dim=1).chunk(2)
+    beta = group_momentum(cfg.method, step, 10 ** 9)
+    losses, groups = [], []
+    for h in range(cfg.method.heads):
+        g = model.groups[h]
+        targets = [reference.assign(z, g)[0] for z in z_k]  # 1. targets under G (before the update)
+        index, _ = reference.assign(z_q[h % 2].detach(), g)  # 2. assignment of q crop h mod 2
+        sums, counts = reference.group_stats(z_q[h % 2].detach(), index, g.shape[0])  # 3. statistics
+        g_new = reference.momentum_update(g, sums, counts, beta)  # 4. momentum update
+        for t in targets:  # 5. every q crop against G' for both targets
+            for p in p_q:
+                losses.append(F.cross_entropy(p @ g_new.T / cfg.method.temperature, t))
+        groups.append(g_new)
+    return torch.stack(losses).mean(), torch.stack(groups), torch.stack(z_q[:2]).detach()
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_one_step_matches_hand_written_reference(tmp_path, step):
+    trainer = make_trainer(tmp_path)
+    trainer.fill_bank()
+    trainer.start_epoch(0)
+    trainer.total_steps = 10 ** 9  # beta and EMA schedules as in hand_step
+    trainer.step = step
+    batch = first_batch(trainer)
+    before = copy.deepcopy(trainer.model)
+    expected_loss, expected_groups, expected_bank = hand_step(before, batch, step, trainer.cfg)
+    expected_loss.backward()
+
+    online_before = copy.deepcopy(trainer.model.online)
+    loss = trainer.train_step(batch)
+
+    assert loss == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(trainer.model.groups, expected_groups, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer.bank.bank[:, batch["index"]], expected_bank, rtol=1e-5, atol=1e-6)
+    # the optimiser stepped on the same gradient direction: the weights moved against the reference gradient
+    w_before = dict(online_before.named_parameters())
+    grads = dict(before.online.named_parameters())
+    for name, p in trainer.model.online.named_parameters():
+        if grads[name].grad is not None and grads[name].grad.abs().sum() > 0 and p.ndim > 1:
+            assert float(((p - w_before[name]) * grads[name].grad).sum()) < 0, name
+    # EMA: theta_k = m * theta_k(old) + (1 - m) * theta_q(new)
+    rate = ema_rate(trainer.cfg.method, step, trainer.total_steps)
+    old_k = dict(before.momentum.named_parameters())
+    new_q = dict(trainer.model.online.named_parameters())
+    for name, p in trainer.model.momentum.named_parameters():
+        torch.testing.assert_close(p, rate * old_k[name] + (1 - rate) * new_q[name], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_into_groups_changes_the_gradient(tmp_path):
+    """lightly's variant lets the gradient reach the update rows through G'; the default detaches G'."""
+    grads = []
+    for flag in ("false", "true"):
+        trainer = make_trainer(tmp_path / flag, f"method.grad_into_groups={flag}")
+        trainer.fill_bank()
+        trainer.start_epoch(0)
+        batch = first_batch(trainer)
+        out = trainer.model.step(trainer.online, list(batch["q"]), list(batch["k"]), 0.5)
+        out.loss.backward()
+        grads.append(trainer.model.online.projector[0].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_reset_momentum_copies_online_weights(tmp_path):
+    trainer = make_trainer(tmp_path)
+    with torch.no_grad():
+        for p in trainer.model.online.parameters():
+            p.add_(1.0)
+    trainer.model.reset_momentum()
+    online = dict(trainer.model.online.backbone.state_dict())
+    for name, value in trainer.model.momentum.backbone.state_dict().items():
+        torch.testing.assert_close(value, online[name])

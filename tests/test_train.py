@@ -1,0 +1,94 @@
+"""Training on digits: loss goes down, re-clustering fills K groups, exact mid-epoch resume, NaN stop,
+and `smog train` end to end on the quickstart recipe (shortened)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import smog_kernels
+from smog import checkpoint
+from smog.cli import main as smog_main
+from smog.config import load_config
+from smog.trainer import NonFiniteLoss, Trainer
+
+SMALL = ["data.train_subset=512", "eval.knn_every=0"]
+
+
+def trainer_for(out_dir, *overrides: str) -> Trainer:
+    return Trainer(load_config("digits", [f"train.out_dir={out_dir}", *SMALL, *overrides]))
+
+
+def test_a_few_epochs_lower_the_loss(tmp_path):
+    trainer = trainer_for(tmp_path, "train.epochs=3")
+    trainer.fit()
+    losses = [r["loss"] for r in trainer.log.records()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_reclustering_fills_every_group(tmp_path):
+    trainer = trainer_for(tmp_path, "method.groups=16")
+    trainer.fill_bank()
+    assert trainer.bank.count == 512
+    trainer.start_epoch(0)
+    for h in range(trainer.cfg.method.heads):
+        index, _ = smog_kernels.assign(trainer.bank.rows(h % 2), trainer.model.groups[h])
+        assert int(torch.bincount(index, minlength=16).gt(0).sum()) == 16
+        torch.testing.assert_close(trainer.model.groups[h].norm(dim=1), torch.ones(16))
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    whole = trainer_for(tmp_path / "whole", "train.epochs=2")
+    final_whole = whole.fit()
+
+    first = trainer_for(tmp_path / "cut", "train.epochs=2")
+    first.fit(stop_after_steps=5)  # interrupted mid-epoch 1 (8 steps per epoch), checkpoint written
+    del first
+    resumed = trainer_for(tmp_path / "cut", "train.epochs=2")
+    assert resumed.resume("auto") and resumed.step == 5 and resumed.step_in_epoch == 5
+    final_resumed = resumed.fit()
+
+    torch.testing.assert_close(resumed.model.groups, whole.model.groups, rtol=0, atol=0)
+    for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(resumed.bank.bank, whole.bank.bank, rtol=0, atol=0)
+    assert final_resumed["loss"] == final_whole["loss"]
+    assert final_resumed["knn"] == final_whole["knn"]
+    assert [r["loss"] for r in resumed.log.records()] == [r["loss"] for r in whole.log.records()]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = trainer_for(tmp_path, "train.epochs=2")
+    trainer.fit(stop_after_steps=2)
+    with torch.no_grad():
+        trainer.model.online.predictor[3].bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 0, step 2"):
+        trainer.fit()
+    kept = checkpoint.load(trainer.ckpt_path)
+    assert kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_smog_train_quickstart_end_to_end_then_eval(tmp_path, capsys):
+    args = ["train", f"train.out_dir={tmp_path}", "train.epochs=1", "data.train_subset=512", "train.batch_size=128",
+            "method.groups=16", "eval.knn_train_subset=1000", "eval.knn_test_subset=200", "train.progress=false"]
+    assert smog_main(args) == 0
+    out = capsys.readouterr().out
+    for row in ("SMoG features", "same network, random init", "raw pixels"):
+        assert row in out
+    run = tmp_path / "quickstart"
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "knn.png", "groups.png", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert load_config(str(run / "config.yaml")).data.train_subset == 512
+
+    assert smog_main(["eval", "knn", str(run / "checkpoint.pt")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    record = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
+    assert report["k200_t0.1"] == record["knn"]["k200_t0.1"]  # same features, same kNN as at the end of training
+    assert smog_main(["eval", "linear", str(run / "checkpoint.pt"), "eval.linear_epochs=2"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["linear_top1"] <= 100
+    assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]
