@@ -11,9 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_INT32_MAX = 2147483647
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+# (Kernels use literals: Triton only lets jit code read module globals declared tl.constexpr.)
 
 
 @triton.jit
@@ -76,7 +74,7 @@ def assign_kernel(
         s = _dot(x, tl.trans(c), PRECISION, UPCAST)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1)
-        am = tl.min(tl.where(s == m[:, None], cols[None, :], _INT32_MAX), 1)
+        am = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), 1)
         better = m > best
         best = tl.where(better, m, best)
         best_idx = tl.where(better, am, best_idx)
@@ -158,8 +156,8 @@ def stats_segmented_kernel(
     (the members of group k, in a fixed order) without atomics."""
     k = tl.program_id(0)
     pid_d = tl.program_id(1)
-    start = tl.load(bounds_ptr + k)
-    stop = tl.load(bounds_ptr + k + 1)
+    start = tl.load(bounds_ptr + k).to(tl.int32)
+    stop = tl.load(bounds_ptr + k + 1).to(tl.int32)
     d = pid_d * BD + tl.arange(0, BD)
     d_ok = d < D
     acc = tl.zeros([BM, BD], tl.float32)
