@@ -144,9 +144,17 @@ def test_assign_all_equal_scores_pick_zero(generator):
 # ---- loss --------------------------------------------------------------------------------------------
 
 
+# P . V tolerance: the tensor-core path (16-bit inputs, default) rounds the probabilities to the input
+# type as flash attention does; the CUDA-core path (SMOG_CUDA_LOSS=simt, and float32) keeps float32.
+PV_TOL = {"tc": {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3},
+          "simt": {torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}}
+
+
+@pytest.mark.parametrize("path", ["tc", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k,d", [(1, 1, 3), (70, 130, 200), (257, 3001, 128), (64, 64, 384), (5, 65536, 128)])
-def test_loss_forward_and_centroid_grad_raw_outputs(dtype, n, k, d, generator):
+def test_loss_forward_and_centroid_grad_raw_outputs(path, dtype, n, k, d, generator, monkeypatch):
+    monkeypatch.setenv("SMOG_CUDA_LOSS", path)
     p = unit_rows(n, d, dtype, "cuda", generator, contiguous=False)
     c = unit_rows(k, d, dtype, "cuda", generator)
     targets = torch.randint(0, k, (2, n), generator=generator).cuda()
@@ -158,15 +166,17 @@ def test_loss_forward_and_centroid_grad_raw_outputs(dtype, n, k, d, generator):
     assert lse.dtype == tlog.dtype == att.dtype == torch.float32
     assert rel(lse, torch.logsumexp(logits, 1)) <= 1e-5
     assert rel(tlog, logits.gather(1, targets.cpu().T).T) <= 1e-5
-    assert rel(att, prob @ cd) <= 1e-4
-    w = torch.rand(n, generator=generator, dtype=torch.float64)
+    assert rel(att, prob @ cd) <= PV_TOL[path][dtype]
+    # small weights, as for a mean over T N rows: they must not underflow in float16
+    w = torch.rand(n, generator=generator, dtype=torch.float64) / (2 * 4096)
     g = torch.ops.smog.loss_centroid_grad(p, c, lse, w.float().cuda(), inv_t)
     assert g.dtype == torch.float32 and g.shape == (k, d)
-    assert rel(g, inv_t * (prob * w[:, None]).T @ pd) <= 1e-4
+    assert rel(g, inv_t * (prob * w[:, None]).T @ pd) <= PV_TOL[path][dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_loss_large_k_matches_reference(dtype, generator):
+    """The loss value depends only on lse and the target logits (float32 in both paths)."""
     n, k, d = 512, 65536, 128
     p = unit_rows(n, d, dtype, "cuda", generator)
     c = unit_rows(k, d, dtype, "cuda", generator)

@@ -76,8 +76,18 @@ constexpr int kVecOffset = kScoreOffset + kScoreBytes;  // three float vectors o
 constexpr int kVecBytes = align128(3 * 64 * 4);
 constexpr int kValueOffset = kVecOffset + kVecBytes;    // float V tile [BN][DC]
 constexpr int kValueBytes = align128(BN * DC * 4);
-constexpr int kSmemScoresOnly = kValueOffset;           // assign
-constexpr int kSmemWithValues = kValueOffset + kValueBytes;  // loss forward, centroid gradient
+constexpr int kSmemScoresOnly = kValueOffset;           // assign, log-sum-exp pass
+constexpr int kSmemWithValues = kValueOffset + kValueBytes;  // CUDA-core loss forward, centroid gradient
+
+// Tensor-core P . V pass (16-bit inputs): after the vectors, P [BM][LDP] and V [BN][LDV] in the input
+// type, then the float32 output staging tile O [BM][LDO].
+constexpr int LDP = BN + 8;
+constexpr int LDV = DC + 8;
+constexpr int LDO = DC + 4;
+constexpr int kTcPOffset = kValueOffset;
+constexpr int kTcVOffset = kTcPOffset + align128(BM * LDP * 2);
+constexpr int kTcOutOffset = kTcVOffset + align128(BN * LDV * 2);
+constexpr int kSmemTcValues = kTcOutOffset + align128(BM * LDO * 4);
 
 // ---- score tile ----------------------------------------------------------------------------------
 

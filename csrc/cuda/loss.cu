@@ -13,12 +13,16 @@
 // 64-row tiles of p: P[k][b] = w_b exp(<c_k, p_b> inv_t - lse_b), acc += P . p_tile, out = inv_t acc.
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "common.cuh"
 
 namespace smog_cuda {
 namespace {
 
-template <typename T>
+// kValues = false: the log-sum-exp only (first pass of the tensor-core path), attention unused.
+template <typename T, bool kValues>
 __global__ void __launch_bounds__(kThreads)
 loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N, int64_t K, int64_t D,
                     float inv_t, float* __restrict__ lse, float* __restrict__ attention) {
@@ -59,16 +63,19 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     l_run = l_run * scale + sum;
     m_run = m_new;
-    if (q == 0) row_scale[r] = scale;
-    load_value_tile<T>(c, K, k0, D, d0, smem);
-    __syncthreads();
-    accumulate_pv(acc, smem, row_scale);
+    if constexpr (kValues) {
+      if (q == 0) row_scale[r] = scale;
+      load_value_tile<T>(c, K, k0, D, d0, smem);
+      __syncthreads();
+      accumulate_pv(acc, smem, row_scale);
+    }
     __syncthreads();  // the next tile overwrites S, V and row_scale
   }
   if (q == 0) {
     row_sum[r] = l_run;
     if (blockIdx.z == 0 && row0 + r < N) lse[row0 + r] = m_run + logf(l_run);
   }
+  if constexpr (!kValues) return;
   __syncthreads();
   const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll
@@ -82,6 +89,105 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
       if (d < D) attention[row * D + d] = acc[i][j] * inv_l;
     }
   }
+}
+
+// Tensor-core P . V pass for bf16/fp16 (sm_80+), given the log-sum-exp of every row from a first pass:
+// the probabilities are exact per tile (no running rescale), so the output accumulates in WMMA
+// fragments across all tiles. P = col_w * exp(s * inv_t - lse) is rounded to the input type (as in
+// flash attention) and multiplied with the value tile on tensor cores, float32 accumulation.
+//   kCentroidGrad = false: A = p [N], B = centroids [K], lse per row of A: out = attention [N, D]
+//   kCentroidGrad = true:  A = centroids [K], B = p [N], lse and weight per row of B:
+//                          out = out_scale * sum_b w_b softmax_bk p_b  [K, D]; the weights enter P
+//                          divided by *weight_max (max |w|, on the device) and the output is multiplied
+//                          back, so that small weights (1 / (T N) for a mean) do not underflow float16.
+template <typename T, bool kCentroidGrad>
+__global__ void __launch_bounds__(kThreads)
+softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __restrict__ B, int64_t rows_b,
+                         int64_t D, const float* __restrict__ lse, const float* __restrict__ weight,
+                         const float* __restrict__ weight_max, float inv_t, float out_scale,
+                         float* __restrict__ out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.z) * DC;
+  const float* S = reinterpret_cast<const float*>(smem + kScoreOffset);
+  float* row_lse = reinterpret_cast<float*>(smem + kVecOffset);
+  float* col_lse = row_lse + 64;
+  float* col_w = row_lse + 128;
+  T* P = reinterpret_cast<T*>(smem + kTcPOffset);
+  T* V = reinterpret_cast<T*>(smem + kTcVOffset);
+  float* O = reinterpret_cast<float*>(smem + kTcOutOffset);
+  const T zero = from_float<T>(0.0f);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int wr = warp >> 1;        // 16-row slab of the output tile
+  const int wc = (warp & 1) * 64;  // first of four 16-column slabs
+
+  if (!kCentroidGrad && tid < BM) row_lse[tid] = row0 + tid < rows_a ? lse[row0 + tid] : 0.0f;
+  float w_unit = 1.0f;  // the weights are stored as w / w_unit
+  if (kCentroidGrad) {
+    const float wm = *weight_max;
+    if (wm > 0.0f && wm < INFINITY) w_unit = wm;
+  }
+  const float inv_w_unit = 1.0f / w_unit;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
+
+  for (int64_t key0 = 0; key0 < rows_b; key0 += BN) {
+    if (kCentroidGrad && tid < BN) {
+      const int64_t b = key0 + tid;
+      col_lse[tid] = b < rows_b ? lse[b] : 0.0f;
+      col_w[tid] = b < rows_b ? weight[b] * inv_w_unit : 0.0f;
+    }
+    score_tile<T>(A, rows_a, row0, B, rows_b, key0, D, smem);  // its barriers publish the vectors
+    for (int e = tid; e < BM * BN; e += kThreads) {
+      const int r = e / BN, cc = e % BN;
+      float v = 0.0f;
+      if (key0 + cc < rows_b) {
+        const float s = S[r * LDS + cc] * inv_t;
+        v = kCentroidGrad ? col_w[cc] * expf(s - col_lse[cc]) : expf(s - row_lse[r]);
+      }
+      P[r * LDP + cc] = from_float<T>(v);
+    }
+    for (int e = tid; e < BN * DC; e += kThreads) {
+      const int cc = e / DC, d = e % DC;
+      const int64_t gr = key0 + cc, gd = d0 + d;
+      V[cc * LDV + d] = (gr < rows_b && gd < D) ? B[gr * D + gd] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BN; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, P + (wr * 16) * LDP + kk, LDP);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, V + kk * LDV + wc + j * 16, LDV);
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites P, V, S and the vectors
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    wmma::store_matrix_sync(O + (wr * 16) * LDO + wc + j * 16, acc[j], LDO, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < BM * DC; e += kThreads) {
+    const int r = e / DC, d = e % DC;
+    const int64_t row = row0 + r, gd = d0 + d;
+    if (row < rows_a && gd < D) out[row * D + gd] = O[r * LDO + d] * (out_scale * w_unit);
+  }
+#endif
+}
+
+// The tensor-core P . V path serves bf16/fp16 on sm_80+ unless SMOG_CUDA_LOSS=simt asks for the
+// single-pass CUDA-core path (float32 probabilities, float32 P . V), which float32 inputs always take.
+bool use_tensor_core_values(at::ScalarType st) {
+  if (st != at::kHalf && st != at::kBFloat16) return false;
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return false;
+  const char* env = std::getenv("SMOG_CUDA_LOSS");
+  return env == nullptr || std::strcmp(env, "simt") != 0;
 }
 
 // out[t, b] = <p_b, c_{targets[t, b]}> * inv_t, one warp per (t, b).
@@ -150,6 +256,16 @@ centroid_grad_kernel(const T* __restrict__ p, const T* __restrict__ c, const flo
   }
 }
 
+template <typename T>
+void launch_target_logits(const T* p, const T* c, const at::Tensor& targets, int64_t N, int64_t D, float inv_t,
+                          at::Tensor& target_logits, cudaStream_t stream) {
+  const int64_t TN = targets.numel();
+  if (TN == 0) return;
+  target_logits_kernel<T><<<static_cast<unsigned>(ceil_div(TN, 8)), 256, 0, stream>>>(
+      p, c, targets.data_ptr<int64_t>(), TN, N, D, inv_t, target_logits.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tensor& p_in, const at::Tensor& c_in,
                                                                  const at::Tensor& targets_in,
                                                                  double inv_temperature) {
@@ -173,19 +289,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
     using T = decltype(tag);
     const T* pp = reinterpret_cast<const T*>(p.data_ptr());
     const T* cp = reinterpret_cast<const T*>(c.data_ptr());
-    auto kernel = loss_forward_kernel<T>;
-    allow_dynamic_smem(kernel, kSmemWithValues);
-    const dim3 grid(static_cast<unsigned>(ceil_div(N, BM)), 1,
-                    static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC))));
-    kernel<<<grid, kThreads, kSmemWithValues, stream>>>(pp, cp, N, K, D, inv_t, lse.data_ptr<float>(),
-                                                        attention.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t TN = T_ * N;
-    if (TN > 0) {
-      target_logits_kernel<T><<<static_cast<unsigned>(ceil_div(TN, 8)), 256, 0, stream>>>(
-          pp, cp, targets.data_ptr<int64_t>(), TN, N, D, inv_t, target_logits.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const unsigned row_blocks = static_cast<unsigned>(ceil_div(N, BM));
+    const unsigned slices = static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC)));
+    if constexpr (!std::is_same<T, float>::value) {
+      if (use_tensor_core_values(p.scalar_type())) {
+        auto lse_kernel = loss_forward_kernel<T, false>;
+        lse_kernel<<<dim3(row_blocks), kThreads, kSmemScoresOnly, stream>>>(
+            pp, cp, N, K, D, inv_t, lse.data_ptr<float>(), attention.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        auto values_kernel = softmax_values_tc_kernel<T, false>;
+        allow_dynamic_smem(values_kernel, kSmemTcValues);
+        values_kernel<<<dim3(row_blocks, 1, slices), kThreads, kSmemTcValues, stream>>>(
+            pp, N, cp, K, D, lse.data_ptr<float>(), nullptr, nullptr, inv_t, 1.0f, attention.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_target_logits<T>(pp, cp, targets, N, D, inv_t, target_logits, stream);
+        return;
+      }
     }
+    auto kernel = loss_forward_kernel<T, true>;
+    allow_dynamic_smem(kernel, kSmemWithValues);
+    kernel<<<dim3(row_blocks, 1, slices), kThreads, kSmemWithValues, stream>>>(
+        pp, cp, N, K, D, inv_t, lse.data_ptr<float>(), attention.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_target_logits<T>(pp, cp, targets, N, D, inv_t, target_logits, stream);
   });
   return {lse, target_logits, attention};
 }
@@ -208,10 +334,23 @@ at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_i
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_feature_type(p.scalar_type(), "smog::loss_centroid_grad", [&](auto tag) {
     using T = decltype(tag);
-    auto kernel = centroid_grad_kernel<T>;
-    allow_dynamic_smem(kernel, kSmemWithValues);
     const dim3 grid(static_cast<unsigned>(ceil_div(K, BM)), 1,
                     static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC))));
+    if constexpr (!std::is_same<T, float>::value) {
+      if (use_tensor_core_values(p.scalar_type()) && N > 0) {
+        const at::Tensor w_max = w.abs().amax();  // stays on the device
+        auto values_kernel = softmax_values_tc_kernel<T, true>;
+        allow_dynamic_smem(values_kernel, kSmemTcValues);
+        values_kernel<<<grid, kThreads, kSmemTcValues, stream>>>(
+            reinterpret_cast<const T*>(c.data_ptr()), K, reinterpret_cast<const T*>(p.data_ptr()), N, D,
+            lse.data_ptr<float>(), w.data_ptr<float>(), w_max.data_ptr<float>(), inv_t, inv_t,
+            out.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    auto kernel = centroid_grad_kernel<T>;
+    allow_dynamic_smem(kernel, kSmemWithValues);
     kernel<<<grid, kThreads, kSmemWithValues, stream>>>(
         reinterpret_cast<const T*>(p.data_ptr()), reinterpret_cast<const T*>(c.data_ptr()), lse.data_ptr<float>(),
         w.data_ptr<float>(), N, K, D, inv_t, out.data_ptr<float>());
