@@ -1,0 +1,190 @@
+"""CPU-specific checks of the compiled smog:: operators (the generic parity grid is test_parity.py):
+tracing through the fake kernels (torch.library.opcheck, torch.compile), results independent of
+the thread count, the portable micro-kernels agreeing with the AVX-512 ones, and memory that
+stays far below an N x K score matrix at large K."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from smog_kernels import native
+from smog_kernels import reference as ref
+from smog_kernels.parity import REL_TOL, rel_err
+
+pytestmark = pytest.mark.skipif(not native.has_kernels("cpu"), reason="smog_kernels._C has no CPU kernels")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unit(n: int, d: int, seed: int) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def op_args(n: int = 45, k: int = 77, d: int = 19) -> dict[str, tuple]:
+    x, c = unit(n, d, 0), unit(k, d, 1)
+    index = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(2))
+    sums, counts = ref.group_stats(x, index, k)
+    targets = torch.randint(0, k, (2, n), generator=torch.Generator().manual_seed(3))
+    lse = torch.logsumexp(10.0 * x @ c.T, dim=1)
+    return {
+        "assign": (x, c),
+        "group_stats": (x, index, k),
+        "momentum_update": (c, sums, counts, 0.99),
+        "loss_forward": (x, c, targets, 10.0),
+        "loss_centroid_grad": (x, c, lse, torch.rand(n, generator=torch.Generator().manual_seed(4)), 10.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(op_args()))
+def test_opcheck(name):
+    """Schema, fake (meta) kernel and AOT dispatch agree with the CPU kernel."""
+    torch.library.opcheck(
+        getattr(torch.ops.smog, name).default,
+        op_args()[name],
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
+
+
+def test_torch_compile_traces_the_ops():
+    """A full graph through the fused loss and assignment compiles (fake kernels give the shapes)
+    and computes what eager mode computes."""
+    x, c = unit(67, 32, 5), unit(129, 32, 6)
+    targets = torch.randint(0, 129, (67,), generator=torch.Generator().manual_seed(7))
+
+    def step(x, c, targets):
+        index, score = torch.ops.smog.assign(x, c)
+        lse, target_logits, attention = torch.ops.smog.loss_forward(x, c, targets.unsqueeze(0), 10.0)
+        return index, score, (lse - target_logits[0]).mean(), attention.sum(0)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x, c, targets), step(x, c, targets)):
+        assert torch.equal(got, want)
+
+
+def run_all(args: dict[str, tuple]) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for name, a in args.items():
+        result = getattr(torch.ops.smog, name)(*a)
+        out[name] = list(result) if isinstance(result, tuple) else [result]
+    return out
+
+
+def test_results_do_not_depend_on_thread_count():
+    """Bitwise identical results with 1, 2 and 3 threads (every block has one owner, and the
+    row shares of the centroid gradient are fixed, not per thread)."""
+    args = op_args(n=1001, k=3001, d=64)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(run_all(args))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for name, tensors in results[0].items():
+            for a, b in zip(tensors, other[name]):
+                assert torch.equal(a, b), f"{name} differs between thread counts"
+
+
+def _in_subprocess(code: str, env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_portable_kernels_match_the_reference():
+    """The portable micro-kernels (what CPUs without AVX-512 run) pass the same checks."""
+    code = """
+        import json, torch, smog_kernels as sk
+        from smog_kernels import reference as ref
+        from smog_kernels.parity import rel_err
+        g = torch.Generator().manual_seed(0)
+        def unit(n, d):
+            x = torch.randn(n, d, generator=g)
+            return x / x.norm(dim=1, keepdim=True)
+        x, c = unit(301, 35), unit(67, 35)
+        t = torch.randint(0, 67, (2, 301), generator=g)
+        index, score = sk.assign(x, c, backend="cpu")
+        exact = x.double() @ c.double().T
+        errors = {"assign gap": float((exact.max(1).values - exact.gather(1, index[:, None])[:, 0]).max())}
+        losses = []
+        for fn in (lambda *a: sk.group_contrastive_loss(*a, backend="cpu"), ref.group_contrastive_loss):
+            p, cc = x.clone().requires_grad_(), c.clone().requires_grad_()
+            loss = fn(p, cc, t, 0.1, "mean", True)
+            loss.backward()
+            losses.append((loss.detach(), p.grad, cc.grad))
+        for name, a, b in zip(("loss", "grad p", "grad c"), *losses):
+            errors[name] = rel_err(a, b)
+        print(json.dumps(errors))
+    """
+    errors = _in_subprocess(code, {"SMOG_CPU_KERNELS": "portable"})
+    assert errors.pop("assign gap") <= 1e-6
+    for name, err in errors.items():
+        assert err <= REL_TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("op", ["assign", "assign_stats_update", "loss"])
+def test_large_k_memory_stays_far_below_the_score_matrix(op):
+    """At K = 65536 the peak extra memory of each fused op is far below the N x K float32 score
+    matrix it avoids. Measured in a fresh process: the kernel's peak resident set (VmHWM, reset
+    through /proc/self/clear_refs once the inputs exist) minus the resident set before the call."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    n, k, d = 2048, 65536, 128
+    code = f"""
+        import json, torch, smog_kernels as sk
+        def status(key):
+            return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+        g = torch.Generator().manual_seed(0)
+        def unit(n, d):
+            x = torch.randn(n, d, generator=g)
+            return x.div_(x.norm(dim=1, keepdim=True))
+        x, c = unit({n}, {d}), unit({k}, {d})
+        t = torch.randint(0, {k}, ({n},), generator=g)
+        p, cc = x.clone().requires_grad_(), c.clone().requires_grad_()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS:")
+        if "{op}" == "assign":
+            sk.assign(x, c, backend="cpu")
+        elif "{op}" == "assign_stats_update":
+            index, _ = sk.assign(x, c, backend="cpu")
+            sums, counts = sk.group_stats(x, index, {k}, backend="cpu")
+            sk.momentum_update(c, sums, counts, 0.99, backend="cpu")
+        else:
+            sk.group_contrastive_loss(p, cc, t, 0.1, grad_centroids=True, backend="cpu").backward()
+        print(json.dumps({{"extra": status("VmHWM:") - before}}))
+    """
+    extra = _in_subprocess(code)["extra"]
+    score_matrix = n * k * 4
+    assert extra < score_matrix / 4, f"{op}: {extra / 2**20:.0f} MiB extra (scores would be {score_matrix / 2**20:.0f} MiB)"
+
+
+def test_non_contiguous_and_16_bit_inputs():
+    """Strided (transposed, sliced) inputs give the results of their contiguous copies; 16-bit
+    inputs give the float32 results of their widened values."""
+    x = unit(40, 300, 8).T[:, :37]  # [300, 37], strides (1, 300)
+    c = unit(52, 37, 9)[::2]  # [26, 37], row stride 74
+    assert not x.is_contiguous() and not c.is_contiguous()
+    for got, want in zip(torch.ops.smog.assign(x, c), torch.ops.smog.assign(x.contiguous(), c.contiguous())):
+        assert torch.equal(got, want)
+    for dtype in (torch.bfloat16, torch.float16):
+        xl, cl = x.to(dtype), c.to(dtype)
+        t = torch.randint(0, 26, (1, 300), generator=torch.Generator().manual_seed(1))
+        for got, want in zip(torch.ops.smog.loss_forward(xl, cl, t, 10.0),
+                             torch.ops.smog.loss_forward(xl.float(), cl.float(), t, 10.0)):
+            assert torch.equal(got, want)
+        moved = torch.ops.smog.momentum_update(cl, *ref.group_stats(xl[:26], torch.arange(26), 26), 0.5)
+        assert moved.dtype == dtype
+        assert rel_err(moved, ref.momentum_update(cl, *ref.group_stats(xl[:26], torch.arange(26), 26), 0.5)) <= REL_TOL[dtype]
