@@ -8,9 +8,14 @@
 // acc = acc * exp(m_old - m_new) + P . C_tile (CUDA cores, float32). At the end
 // attention = acc / l and lse = m + log(l). Nothing of size N x K is ever stored. The target logits
 // <p_b, c_y> * inv_t come from a small kernel (one warp per (t, b)).
+// That single pass is the path of float32 inputs. For bf16/fp16 on sm_80+ the default is two passes
+// so that P . C runs on tensor cores too: pass 1 = the same kernel without values (lse only), pass 2
+// = softmax_values_tc_kernel, whose probabilities exp(l - lse) are final per tile, so its WMMA
+// accumulators need no rescaling. SMOG_CUDA_LOSS=simt selects the single pass for 16-bit inputs too.
 //
 // loss_centroid_grad swaps the roles: a block owns 64 centroids and a D slice and streams over
-// 64-row tiles of p: P[k][b] = w_b exp(<c_k, p_b> inv_t - lse_b), acc += P . p_tile, out = inv_t acc.
+// 64-row tiles of p: P[k][b] = w_b exp(<c_k, p_b> inv_t - lse_b), acc += P . p_tile, out = inv_t acc
+// (CUDA cores for float32 or SMOG_CUDA_LOSS=simt, softmax_values_tc_kernel otherwise).
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -21,11 +26,15 @@
 namespace smog_cuda {
 namespace {
 
-// kValues = false: the log-sum-exp only (first pass of the tensor-core path), attention unused.
+// kValues = false: the log-sum-exp only (first pass of the tensor-core path), attention unused. Then
+// blockIdx.y may split the centroids (tiles_per_split tiles each): with part_m != nullptr every split
+// writes its running (max, sum-exp) to part_m / part_l [splits, N] and lse_merge_kernel combines them.
+// kValues = true: one split (tiles_per_split covers K), part_m == nullptr.
 template <typename T, bool kValues>
 __global__ void __launch_bounds__(kThreads)
 loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N, int64_t K, int64_t D,
-                    float inv_t, float* __restrict__ lse, float* __restrict__ attention) {
+                    float inv_t, int64_t tiles_per_split, float* __restrict__ lse, float* __restrict__ part_m,
+                    float* __restrict__ part_l, float* __restrict__ attention) {
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t d0 = static_cast<int64_t>(blockIdx.z) * DC;
@@ -41,7 +50,9 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < K; k0 += BN) {
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * BN;
+  const int64_t k_end = min(K, k_begin + tiles_per_split * BN);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += BN) {
     score_tile<T>(p, N, row0, c, K, k0, D, smem);
     float* srow = S + r * LDS + q * 16;
     float mt = -INFINITY;
@@ -73,7 +84,15 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
   }
   if (q == 0) {
     row_sum[r] = l_run;
-    if (blockIdx.z == 0 && row0 + r < N) lse[row0 + r] = m_run + logf(l_run);
+    const int64_t row = row0 + r;
+    if (blockIdx.z == 0 && row < N) {
+      if (part_m == nullptr) {
+        lse[row] = m_run + logf(l_run);
+      } else {
+        part_m[static_cast<int64_t>(blockIdx.y) * N + row] = m_run;
+        part_l[static_cast<int64_t>(blockIdx.y) * N + row] = l_run;
+      }
+    }
   }
   if constexpr (!kValues) return;
   __syncthreads();
@@ -91,6 +110,29 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
   }
 }
 
+// lse of every row from the per-split (max, sum-exp) pairs; every split saw at least one centroid.
+__global__ void lse_merge_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l, int64_t N,
+                                 int64_t splits, float* __restrict__ lse) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= N) return;
+  float m = part_m[row];
+  for (int64_t s = 1; s < splits; ++s) m = fmaxf(m, part_m[s * N + row]);
+  float l = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) l += part_l[s * N + row] * expf(part_m[s * N + row] - m);
+  lse[row] = m + logf(l);
+}
+
+// out[i] = sum_s part[s][i], splits added in order (deterministic).
+__global__ void sum_splits_kernel(const float* __restrict__ part, int64_t total, int64_t splits,
+                                  float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = part[i];
+    for (int64_t s = 1; s < splits; ++s) acc += part[s * total + i];
+    out[i] = acc;
+  }
+}
+
 // Tensor-core P . V pass for bf16/fp16 (sm_80+), given the log-sum-exp of every row from a first pass:
 // the probabilities are exact per tile (no running rescale), so the output accumulates in WMMA
 // fragments across all tiles. P = col_w * exp(s * inv_t - lse) is rounded to the input type (as in
@@ -100,12 +142,14 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
 //                          out = out_scale * sum_b w_b softmax_bk p_b  [K, D]; the weights enter P
 //                          divided by *weight_max (max |w|, on the device) and the output is multiplied
 //                          back, so that small weights (1 / (T N) for a mean) do not underflow float16.
+// blockIdx.y splits the rows of B (tiles_per_split tiles each); split y writes out + y * rows_a * D, a
+// partial sum that sum_splits_kernel adds up when there is more than one split.
 template <typename T, bool kCentroidGrad>
 __global__ void __launch_bounds__(kThreads)
 softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __restrict__ B, int64_t rows_b,
                          int64_t D, const float* __restrict__ lse, const float* __restrict__ weight,
                          const float* __restrict__ weight_max, float inv_t, float out_scale,
-                         float* __restrict__ out) {
+                         int64_t tiles_per_split, float* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -134,7 +178,10 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
 #pragma unroll
   for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[j], 0.0f);
 
-  for (int64_t key0 = 0; key0 < rows_b; key0 += BN) {
+  out += static_cast<int64_t>(blockIdx.y) * rows_a * D;
+  const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * BN;
+  const int64_t key_end = min(rows_b, key_begin + tiles_per_split * BN);
+  for (int64_t key0 = key_begin; key0 < key_end; key0 += BN) {
     if (kCentroidGrad && tid < BN) {
       const int64_t b = key0 + tid;
       col_lse[tid] = b < rows_b ? lse[b] : 0.0f;
@@ -144,7 +191,7 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
     for (int e = tid; e < BM * BN; e += kThreads) {
       const int r = e / BN, cc = e % BN;
       float v = 0.0f;
-      if (key0 + cc < rows_b) {
+      if (key0 + cc < key_end) {
         const float s = S[r * LDS + cc] * inv_t;
         v = kCentroidGrad ? col_w[cc] * expf(s - col_lse[cc]) : expf(s - row_lse[r]);
       }
@@ -153,7 +200,7 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
     for (int e = tid; e < BN * DC; e += kThreads) {
       const int cc = e / DC, d = e % DC;
       const int64_t gr = key0 + cc, gd = d0 + d;
-      V[cc * LDV + d] = (gr < rows_b && gd < D) ? B[gr * D + gd] : zero;
+      V[cc * LDV + d] = (gr < key_end && gd < D) ? B[gr * D + gd] : zero;
     }
     __syncthreads();
 #pragma unroll
@@ -256,6 +303,44 @@ centroid_grad_kernel(const T* __restrict__ p, const T* __restrict__ c, const flo
   }
 }
 
+// Splits of the streamed rows so that about two blocks per SM run when the output blocks are few.
+struct SplitPlan {
+  int64_t splits, tiles_per_split;
+};
+SplitPlan plan_splits(int64_t output_blocks, int64_t rows_streamed) {
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(rows_streamed, BN));
+  const int64_t target = 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t splits = 1;
+  if (output_blocks < target) splits = std::min<int64_t>({tiles, ceil_div(target, output_blocks), 32});
+  const int64_t per = ceil_div(tiles, splits);
+  return {ceil_div(tiles, per), per};
+}
+
+// Runs the tensor-core values kernel over the split plan into out (float32 [rows_a, D]).
+template <typename T, bool kCentroidGrad>
+void launch_tc_values(const T* A, int64_t rows_a, const T* B, int64_t rows_b, int64_t D, const float* lse,
+                      const float* weight, const float* weight_max, float inv_t, float out_scale, at::Tensor& out,
+                      cudaStream_t stream) {
+  const int64_t row_blocks = ceil_div(rows_a, BM), slices = std::max<int64_t>(1, ceil_div(D, DC));
+  const SplitPlan plan = plan_splits(row_blocks * slices, rows_b);
+  at::Tensor target = out;
+  if (plan.splits > 1) target = at::empty({plan.splits, rows_a, D}, out.options());
+  auto kernel = softmax_values_tc_kernel<T, kCentroidGrad>;
+  allow_dynamic_smem(kernel, kSmemTcValues);
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(plan.splits), static_cast<unsigned>(slices));
+  kernel<<<grid, kThreads, kSmemTcValues, stream>>>(A, rows_a, B, rows_b, D, lse, weight, weight_max, inv_t,
+                                                   out_scale, plan.tiles_per_split, target.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (plan.splits > 1) {
+    const int64_t total = rows_a * D;
+    if (total == 0) return;
+    const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), 4096);
+    sum_splits_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(target.data_ptr<float>(), total,
+                                                                         plan.splits, out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename T>
 void launch_target_logits(const T* p, const T* c, const at::Tensor& targets, int64_t N, int64_t D, float inv_t,
                           at::Tensor& target_logits, cudaStream_t stream) {
@@ -293,15 +378,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
     const unsigned slices = static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC)));
     if constexpr (!std::is_same<T, float>::value) {
       if (use_tensor_core_values(p.scalar_type())) {
+        const SplitPlan plan = plan_splits(row_blocks, K);
+        at::Tensor part_m, part_l;
+        if (plan.splits > 1) {
+          part_m = at::empty({plan.splits, N}, f32);
+          part_l = at::empty({plan.splits, N}, f32);
+        }
         auto lse_kernel = loss_forward_kernel<T, false>;
-        lse_kernel<<<dim3(row_blocks), kThreads, kSmemScoresOnly, stream>>>(
-            pp, cp, N, K, D, inv_t, lse.data_ptr<float>(), attention.data_ptr<float>());
+        lse_kernel<<<dim3(row_blocks, static_cast<unsigned>(plan.splits)), kThreads, kSmemScoresOnly, stream>>>(
+            pp, cp, N, K, D, inv_t, plan.tiles_per_split, lse.data_ptr<float>(),
+            plan.splits > 1 ? part_m.data_ptr<float>() : nullptr, plan.splits > 1 ? part_l.data_ptr<float>() : nullptr,
+            attention.data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        auto values_kernel = softmax_values_tc_kernel<T, false>;
-        allow_dynamic_smem(values_kernel, kSmemTcValues);
-        values_kernel<<<dim3(row_blocks, 1, slices), kThreads, kSmemTcValues, stream>>>(
-            pp, N, cp, K, D, lse.data_ptr<float>(), nullptr, nullptr, inv_t, 1.0f, attention.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (plan.splits > 1) {
+          lse_merge_kernel<<<static_cast<unsigned>(ceil_div(N, 256)), 256, 0, stream>>>(
+              part_m.data_ptr<float>(), part_l.data_ptr<float>(), N, plan.splits, lse.data_ptr<float>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        launch_tc_values<T, false>(pp, N, cp, K, D, lse.data_ptr<float>(), nullptr, nullptr, inv_t, 1.0f, attention,
+                                   stream);
         launch_target_logits<T>(pp, cp, targets, N, D, inv_t, target_logits, stream);
         return;
       }
@@ -309,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
     auto kernel = loss_forward_kernel<T, true>;
     allow_dynamic_smem(kernel, kSmemWithValues);
     kernel<<<dim3(row_blocks, 1, slices), kThreads, kSmemWithValues, stream>>>(
-        pp, cp, N, K, D, inv_t, lse.data_ptr<float>(), attention.data_ptr<float>());
+        pp, cp, N, K, D, inv_t, ceil_div(K, BN), lse.data_ptr<float>(), nullptr, nullptr,
+        attention.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_target_logits<T>(pp, cp, targets, N, D, inv_t, target_logits, stream);
   });
@@ -339,13 +435,9 @@ at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_i
     if constexpr (!std::is_same<T, float>::value) {
       if (use_tensor_core_values(p.scalar_type()) && N > 0) {
         const at::Tensor w_max = w.abs().amax();  // stays on the device
-        auto values_kernel = softmax_values_tc_kernel<T, true>;
-        allow_dynamic_smem(values_kernel, kSmemTcValues);
-        values_kernel<<<grid, kThreads, kSmemTcValues, stream>>>(
-            reinterpret_cast<const T*>(c.data_ptr()), K, reinterpret_cast<const T*>(p.data_ptr()), N, D,
-            lse.data_ptr<float>(), w.data_ptr<float>(), w_max.data_ptr<float>(), inv_t, inv_t,
-            out.data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_tc_values<T, true>(reinterpret_cast<const T*>(c.data_ptr()), K, reinterpret_cast<const T*>(p.data_ptr()),
+                                  N, D, lse.data_ptr<float>(), w.data_ptr<float>(), w_max.data_ptr<float>(), inv_t,
+                                  inv_t, out, stream);
         return;
       }
     }
