@@ -16,13 +16,13 @@ e = bytes per feature element:
   group that is dropped. N is `max_rows` when the caller gives it (same value on every rank);
   otherwise the row counts are all-gathered first: one more (tiny) collective and a host read.
 
-`choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also sums all
-W * N received rows, and takes it when 2 * (its bytes) < (the all-reduce's bytes):
-W * N * (e D + 8) < 4 K (D + 2), i.e. about W * N < K for float32 rows. Measured on gloo over
-loopback (`smog bench distributed`, bench/results/distributed_gloo*.json; 2 CPU cores, W = 2,
-K = 3000, D = 128): all-gather faster up to N = 1024 (W N = 2048), all-reduce from N = 1536
-(W N = 3072) on; bytes alone would put the switch at W N = 2 K = 6000. With K = 65536 the
-all-gather wins at every N tried (256, 1024; W = 2, 3, 4), by 2-3x.
+`choose_strategy` ("auto") takes the strategy that sends fewer bytes: the all-gather when
+W * N * (e D + 8) < 2 * 4 K (D + 2), about W * N < 2 K for float32 rows. Measured with `smog bench
+distributed` (gloo over loopback, D = 128, bench/results/distributed_gloo*.json): with K = 65536 the
+all-gather is 2.5-4x faster at every N tried (256, 1024; W = 2, 3, 4); with K = 3000 the measured
+switch lies between W * N = 1500 and 6000 and moves from run to run (2 shared, loaded CPU cores; near
+the switch both take the same few ms), and the rule picks the faster one in 11 of 12 main cases and
+12 of 18 sweep cases, all misses next to the switch. Pass strategy= to override.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the
@@ -116,14 +116,13 @@ def bytes_moved(strategy: str, rows_per_rank: int, num_groups: int, dim: int, wo
 
 
 def choose_strategy(rows_per_rank: int, num_groups: int, dim: int, world: int, element_size: int = 4) -> str:
-    """"allgather" when twice its bytes (sent, then summed again on every rank) are fewer than
-    "allreduce"'s bytes, i.e. about W * N < K; else "allreduce".
+    """"allgather" when it sends fewer bytes than "allreduce" (about W * N < 2 K), else "allreduce".
 
     rows_per_rank must be the same on every rank (the largest share), or ranks would disagree.
     """
     gather = bytes_moved("allgather", rows_per_rank, num_groups, dim, world, element_size)
     reduce = bytes_moved("allreduce", rows_per_rank, num_groups, dim, world, element_size)
-    return "allgather" if 2 * gather < reduce else "allreduce"
+    return "allgather" if gather < reduce else "allreduce"
 
 
 # ---- autograd-aware collectives ----------------------------------------------------------------

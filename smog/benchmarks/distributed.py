@@ -108,6 +108,7 @@ def _summarise(rows: list[dict]) -> list[dict]:
     """Adds medians, bytes and the rule's choice; marks the faster strategy of each case."""
     for row in rows:
         row["median_ms"] = 1e3 * statistics.median(row["step_s"])
+        row["min_ms"] = 1e3 * min(row["step_s"])
         row["bytes_sent_per_rank"] = skd.bytes_moved(row["strategy"], row["rows_per_rank"], row["groups"],
                                                      row["dim"], row["world"])
         row["auto_choice"] = skd.choose_strategy(row["rows_per_rank"], row["groups"], row["dim"], row["world"])
@@ -118,17 +119,19 @@ def _summarise(rows: list[dict]) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'W':>2} {'N/rank':>6} {'K':>6} {'strategy':>9} {'MB sent/rank':>12} {'median ms':>10} {'auto':>9} {'faster':>9}"
+    head = (f"{'W':>2} {'N/rank':>6} {'K':>6} {'strategy':>9} {'MB sent/rank':>12} {'median ms':>10} {'min ms':>8} "
+            f"{'auto':>9} {'faster':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['world']:>2} {r['rows_per_rank']:>6} {r['groups']:>6} {r['strategy']:>9} "
-                     f"{r['bytes_sent_per_rank'] / 1e6:>12.3f} {r['median_ms']:>10.2f} {r['auto_choice']:>9} "
+                     f"{r['bytes_sent_per_rank'] / 1e6:>12.3f} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} {r['auto_choice']:>9} "
                      f"{r['measured_faster']:>9}")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
+    load_before = os.getloadavg()
     rows = []
     for world in args.worlds:
         if world < 2:
@@ -141,7 +144,8 @@ def main(argv: list[str]) -> int:
     meta = {"backend": "gloo", "transport": "loopback", "device": "cpu", "threads_per_process": args.threads,
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "kernels": available_backends(),
             "python": platform.python_version(), "reps": args.reps, "warmup": args.warmup,
-            "time": "per step, slowest rank, after a barrier; median over reps",
+            "time": "per step, slowest rank, after a barrier; median (and min) over reps",
+            "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
