@@ -18,11 +18,11 @@ e = bytes per feature element:
 
 `choose_strategy` ("auto") takes the strategy that sends fewer bytes: the all-gather when
 W * N * (e D + 8) < 2 * 4 K (D + 2), about W * N < 2 K for float32 rows. Measured with `smog bench
-distributed` (gloo over loopback, D = 128, bench/results/distributed_gloo*.json): with K = 65536 the
-all-gather is 2.5-4x faster at every N tried (256, 1024; W = 2, 3, 4); with K = 3000 the measured
-switch lies between W * N = 1500 and 6000 and moves from run to run (2 shared, loaded CPU cores; near
-the switch both take the same few ms), and the rule picks the faster one in 11 of 12 main cases and
-12 of 18 sweep cases, all misses next to the switch. Pass strategy= to override.
+distributed` (gloo over loopback, D = 128, bench/results/distributed_gloo*.json; 2 CPU cores shared
+with other jobs, so +-50% noise): with K = 65536 the all-gather is 1.8-3.4x faster at every N tried
+(256, 1024; W = 2, 3, 4); with K = 3000 the switch lies between W * N = 2000 and 6000 and moves from
+run to run, and the rule picked the faster strategy in 10 of 12 main and 13 of 18 sweep cases,
+the misses mostly next to the switch. Pass strategy= to override.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the
