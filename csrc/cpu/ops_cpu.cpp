@@ -25,20 +25,44 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kLossRows = 8 * kMR;    // rows per task of the loss forward pass
 constexpr int64_t kAssignRows = 4 * kMR;  // rows per task of the assignment
 constexpr int64_t kColBlock = 7 * kNR;    // centroids per streamed tile (224, a multiple of kMR too)
+// Below this many multiply-adds (or element updates) an op runs on one thread: waking the
+// OpenMP team would cost more than the work.
+constexpr int64_t kParallelWork = int64_t{1} << 18;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t ceil_div(int64_t v, int64_t m) { return (v + m - 1) / m; }
 
-// float32 copy of t [R, D] zero-padded to [rows, dp] (any dtype and strides in).
-at::Tensor padded_float(const at::Tensor& t, int64_t rows, int64_t dp) {
-  at::Tensor out = at::zeros({rows, dp}, t.options().dtype(at::kFloat));
-  out.narrow(0, 0, t.size(0)).narrow(1, 0, t.size(1)).copy_(t);
+// float32 rows of t [R, D] with row width dp (columns D..dp zero): t itself when it already is
+// contiguous float32 with D == dp, else one converting copy (any dtype and strides in).
+at::Tensor float_rows(const at::Tensor& t, int64_t dp) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous() && t.size(1) == dp) return t;
+  at::Tensor out = at::empty({t.size(0), dp}, t.options().dtype(at::kFloat));
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  out.narrow(1, t.size(1), dp - t.size(1)).zero_();
   return out;
 }
 
-// [rows, dp] -> [rows / b][dp][b]: blocks of b rows, transposed (rows a multiple of b).
-at::Tensor pack_blocks(const at::Tensor& f, int64_t b) {
-  return f.view({f.size(0) / b, b, f.size(1)}).transpose(1, 2).contiguous();
+// float32 rows f [R, dp] -> [rows / b][dp][b]: blocks of b rows, transposed, rows R..rows zero
+// (rows a multiple of b, >= R). One pass.
+at::Tensor pack_rows(const at::Tensor& f, int64_t b, int64_t rows) {
+  const int64_t r_in = f.size(0), dp = f.size(1), blocks = rows / b;
+  at::Tensor out = at::empty({blocks, dp, b}, f.options());
+  const float* src = f.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+#pragma omp parallel for num_threads(at::get_num_threads()) if (rows * dp >= kParallelWork)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    float* o = dst + blk * dp * b;
+    for (int64_t r = 0; r < b; ++r) {
+      const int64_t row = blk * b + r;
+      if (row < r_in) {
+        const float* in = src + row * dp;
+        for (int64_t j = 0; j < dp; ++j) o[j * b + r] = in[j];
+      } else {
+        for (int64_t j = 0; j < dp; ++j) o[j * b + r] = 0.f;
+      }
+    }
+  }
+  return out;
 }
 
 void check_features(const at::Tensor& t, const char* name) {
@@ -64,8 +88,8 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
   at::Tensor score = at::empty({n}, x.options().dtype(at::kFloat));
   if (n == 0) return {index, score};
   const int64_t dp = round_up(d, 16), np = round_up(n, kMR), kp = round_up(k, kNR);
-  const at::Tensor xb = pack_blocks(padded_float(x, np, dp), kMR);
-  const at::Tensor cb = pack_blocks(padded_float(centroids, kp, dp), kNR);
+  const at::Tensor xb = pack_rows(float_rows(x, dp), kMR, np);
+  const at::Tensor cb = pack_rows(float_rows(centroids, dp), kNR, kp);
   const float* xbp = xb.data_ptr<float>();
   const float* cbp = cb.data_ptr<float>();
   int64_t* index_p = index.data_ptr<int64_t>();
@@ -73,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
   const MicroKernels& mk = micro_kernels();
   const int64_t tasks = ceil_div(np, kAssignRows), panels = kp / kNR;
 
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(at::get_num_threads()) if (n * k * d >= kParallelWork)
   {
     std::vector<float> best(kAssignRows * kNR);
     std::vector<int32_t> arg(kAssignRows * kNR);
@@ -114,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
 template <typename scalar_t>
 void sum_groups(const scalar_t* x, int64_t d, int64_t k, const int64_t* start, const int64_t* order,
                 float* sums) {
-#pragma omp parallel for schedule(guided) num_threads(at::get_num_threads())
+  const int64_t n = start[k];
+#pragma omp parallel for schedule(guided) num_threads(at::get_num_threads()) if ((n + k) * d >= kParallelWork)
   for (int64_t g = 0; g < k; ++g) {
     float* row = sums + g * d;
     for (int64_t pos = start[g]; pos < start[g + 1]; ++pos) {
@@ -159,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> group_stats_cpu(const at::Tensor& x, const at
 template <typename scalar_t>
 void update_rows(const scalar_t* c, const float* sums, const int64_t* counts, int64_t k, int64_t d,
                  float beta, float one_minus_beta, scalar_t* out) {
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(at::get_num_threads()) if (k * d >= kParallelWork)
   {
     std::vector<float> v(d);
 #pragma omp for schedule(static)
@@ -224,10 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
   for (int64_t i = 0; i < nt * n; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < k, "target ", tp[i], " is outside [0, ", k, ")");
   const int64_t dp = round_up(d, 16), np = round_up(n, kMR), kp = round_up(k, kNR);
-  const at::Tensor pf = padded_float(p, np, dp);
-  const at::Tensor pb = pack_blocks(pf, kMR);
-  const at::Tensor cf = padded_float(centroids, kp, dp);
-  const at::Tensor cb = pack_blocks(cf, kNR);
+  const at::Tensor pf = float_rows(p, dp), cf = float_rows(centroids, dp);
+  const at::Tensor pb = pack_rows(pf, kMR, np), cb = pack_rows(cf, kNR, kp);
   const float *pfp = pf.data_ptr<float>(), *pbp = pb.data_ptr<float>();
   const float *cfp = cf.data_ptr<float>(), *cbp = cb.data_ptr<float>();
   float *lse_p = lse.data_ptr<float>(), *tl_p = target_logits.data_ptr<float>();
@@ -235,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
   const MicroKernels& mk = micro_kernels();
   const int64_t tasks = ceil_div(np, kLossRows);
 
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(at::get_num_threads()) if (n * k * d >= kParallelWork)
   {
     std::vector<float> s(kLossRows * kColBlock), acc(kLossRows * dp), mx(kLossRows), sum(kLossRows);
 #pragma omp for schedule(dynamic, 1)
@@ -264,7 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
           mx[r] = top;
           sum[r] += mk.exp_shift_sum(sr, cols, top);
         }
-        mk.gemm_acc(rows, cols, s.data(), kColBlock, cfp + c0 * dp, dp, acc.data(), dp, dp);
+        // softmax weights of padded columns are 0: stop at column k
+        mk.gemm_acc(rows, std::min(cols, k - c0), s.data(), kColBlock, cfp + c0 * dp, dp, acc.data(), dp, dp);
       }
       for (int64_t r = 0; r < std::min(rows, n - r0); ++r) {
         const int64_t row = r0 + r;
@@ -297,11 +321,14 @@ at::Tensor loss_centroid_grad_cpu(const at::Tensor& p, const at::Tensor& centroi
   const float inv_t = static_cast<float>(inv_temperature);
   const int64_t dp = round_up(d, 16), np = round_up(std::max<int64_t>(n, 1), kColBlock);
   const int64_t kp = round_up(k, kColBlock);
-  const at::Tensor pf = padded_float(p, np, dp);
-  const at::Tensor pp = pack_blocks(pf, kNR);
-  const at::Tensor cb = pack_blocks(padded_float(centroids, kp, dp), kMR);
-  const at::Tensor shift = padded_float(lse.unsqueeze(1), np, 1);
-  const at::Tensor weight = padded_float(row_weight.unsqueeze(1), np, 1);
+  const at::Tensor pf = float_rows(p, dp);
+  const at::Tensor pp = pack_rows(pf, kNR, np);
+  const at::Tensor cb = pack_rows(float_rows(centroids, dp), kMR, round_up(k, kMR));
+  // per-row shift and weight, zero for the padding rows n..np (their softmax weight is 0)
+  const at::Tensor shift = at::zeros({np}, p.options().dtype(at::kFloat));
+  const at::Tensor weight = at::zeros({np}, p.options().dtype(at::kFloat));
+  shift.narrow(0, 0, n).copy_(lse);
+  weight.narrow(0, 0, n).copy_(row_weight);
   const float *pfp = pf.data_ptr<float>(), *ppp = pp.data_ptr<float>(), *cbp = cb.data_ptr<float>();
   const float *shp = shift.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const MicroKernels& mk = micro_kernels();
@@ -314,24 +341,25 @@ at::Tensor loss_centroid_grad_cpu(const at::Tensor& p, const at::Tensor& centroi
   at::Tensor partial = at::zeros({splits, kp, dp}, p.options().dtype(at::kFloat));
   float* part_p = partial.data_ptr<float>();
 
-#pragma omp parallel num_threads(at::get_num_threads())
+#pragma omp parallel num_threads(at::get_num_threads()) if (n * k * d >= kParallelWork)
   {
     std::vector<float> st(kColBlock * kColBlock);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < ctiles * splits; ++task) {
       const int64_t ct = task / splits, split = task % splits;
-      const int64_t c0 = ct * kColBlock;
+      const int64_t c0 = ct * kColBlock, crows = round_up(std::min(kColBlock, k - c0), kMR);
       float* g = part_p + (split * kp + c0) * dp;
       const int64_t rt_end = std::min(rtiles, (split + 1) * rtiles_per_split);
       for (int64_t rt = split * rtiles_per_split; rt < rt_end; ++rt) {
         const int64_t b0 = rt * kColBlock;
         for (int64_t j = 0; j < kColBlock; j += kNR)
-          for (int64_t q = 0; q < kColBlock; q += kMR)
+          for (int64_t q = 0; q < crows; q += kMR)
             mk.tile_scores(cbp + (c0 + q) * dp, ppp + (b0 + j) * dp, dp, inv_t, kNR,
                            st.data() + q * kColBlock + j, kColBlock);
-        for (int64_t q = 0; q < kColBlock; ++q)
+        for (int64_t q = 0; q < crows; ++q)
           mk.exp_columns(st.data() + q * kColBlock, kColBlock, shp + b0, wp + b0);
-        mk.gemm_acc(kColBlock, kColBlock, st.data(), kColBlock, pfp + b0 * dp, dp, g, dp, dp);
+        // columns (rows of p) n..np have weight 0: stop at row n
+        mk.gemm_acc(crows, std::min(kColBlock, n - b0), st.data(), kColBlock, pfp + b0 * dp, dp, g, dp, dp);
       }
     }
   }
