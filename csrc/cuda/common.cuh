@@ -22,6 +22,9 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
 
 namespace smog_cuda {
@@ -241,11 +244,20 @@ void dispatch_feature_type(at::ScalarType st, const char* op, Fn&& fn) {
   }
 }
 
+// Opts a kernel into more than 48 KiB of dynamic shared memory, once per (kernel, device), so that
+// later calls (and CUDA-graph captures) make no driver call.
 template <typename Kernel>
 void allow_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  }
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.insert(key);
 }
 
 }  // namespace smog_cuda
