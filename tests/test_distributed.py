@@ -77,6 +77,12 @@ def grad_inputs(seed: int, world: int) -> dict[str, torch.Tensor]:
             "predictions": unit(g, VIEWS, n, D)}
 
 
+def on(device: str, *items):
+    """The tensors (or dicts of tensors) in `items` moved to `device`, as a list."""
+    return [{k: v.to(device) for k, v in it.items()} if isinstance(it, dict)
+            else [t.to(device) for t in it] if isinstance(it, list) else it.to(device) for it in items]
+
+
 def share(x: torch.Tensor, sizes: list[int], rank: int, dim: int = 0) -> torch.Tensor:
     start = sum(sizes[:rank])
     return x.narrow(dim, start, sizes[rank])
@@ -95,10 +101,10 @@ def local_loss(groups: torch.Tensor, updated: torch.Tensor, targets: torch.Tenso
 # ---- what each rank runs ----------------------------------------------------------------------
 
 
-def run_grouping(rank: int, world: int, seed: int) -> dict:
+def run_grouping(rank: int, world: int, seed: int, device: str) -> dict:
     out = {}
     for case, (sizes, clustered) in enumerate(GROUPING_CASES[world]):
-        groups0, batches = grouping_inputs(seed + case, sizes, clustered)
+        groups0, batches = on(device, *grouping_inputs(seed + case, sizes, clustered))
         for strategy, max_rows in STRATEGIES:
             groups, steps = groups0, []
             for batch in batches:
@@ -115,8 +121,8 @@ def run_grouping(rank: int, world: int, seed: int) -> dict:
     return out
 
 
-def run_kmeans(rank: int, world: int, seed: int) -> dict:
-    union, init = kmeans_inputs(seed, world)
+def run_kmeans(rank: int, world: int, seed: int, device: str) -> dict:
+    union, init = on(device, *kmeans_inputs(seed, world))
     x = share(union, KMEANS_CASES[world], rank)
     # only rank 0's seed and init count: the others pass different ones
     drawn = skd.spherical_kmeans(x, KMEANS_K, KMEANS_ITERS, seed=seed + rank)
@@ -124,8 +130,8 @@ def run_kmeans(rank: int, world: int, seed: int) -> dict:
     return {"drawn": drawn, "given": given}
 
 
-def run_grad(rank: int, world: int, seed: int) -> dict:
-    data, (n_sizes, m_sizes) = grad_inputs(seed, world), GRAD_CASES[world]
+def run_grad(rank: int, world: int, seed: int, device: str) -> dict:
+    data, (n_sizes, m_sizes) = on(device, grad_inputs(seed, world))[0], GRAD_CASES[world]
     targets = share(data["targets"], n_sizes, rank, dim=1)
     out = {}
     for path in GRAD_PATHS:
@@ -144,9 +150,9 @@ def run_grad(rank: int, world: int, seed: int) -> dict:
     return out
 
 
-def run_all(rank: int, world: int, seed: int) -> dict:
-    return {"grouping": run_grouping(rank, world, seed), "kmeans": run_kmeans(rank, world, seed + 100),
-            "grad": run_grad(rank, world, seed + 200)}
+def run_all(rank: int, world: int, seed: int, device: str = "cpu") -> dict:
+    return {"grouping": run_grouping(rank, world, seed, device), "kmeans": run_kmeans(rank, world, seed + 100, device),
+            "grad": run_grad(rank, world, seed + 200, device)}
 
 
 def run_peer_dies(rank: int, world: int, seed: int) -> dict:
@@ -196,7 +202,8 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str, s
 
 
 SCENARIOS: dict[str, Callable[[int, int, int], dict]] = {
-    "all": run_all, "peer_dies": run_peer_dies, "peer_hangs": run_peer_hangs,
+    "all": run_all, "all_cuda": lambda rank, world, seed: run_all(rank, world, seed, "cuda"),
+    "peer_dies": run_peer_dies, "peer_hangs": run_peer_hangs,
 }
 
 
@@ -218,7 +225,7 @@ def launch(world: int, scenario: str, seed: int, tmp: Path, timeout_s: float = 3
     assert not stuck, f"ranks {stuck} of {world} still running after {JOIN_S} s ({scenario})"
     errors = {r: (tmp / f"rank{r}.err").read_text() for r in range(world) if (tmp / f"rank{r}.err").exists()}
     assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
-    results = [torch.load(tmp / f"rank{r}.pt") if (tmp / f"rank{r}.pt").exists() else None for r in range(world)]
+    results = [torch.load(tmp / f"rank{r}.pt", map_location="cpu") if (tmp / f"rank{r}.pt").exists() else None for r in range(world)]
     return results, [p.exitcode for p in procs]
 
 
@@ -226,13 +233,20 @@ def seed_for(name: str) -> int:
     return (SESSION_SEED + zlib.crc32(name.encode())) % (2**31)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def runs(request, tmp_path_factory) -> tuple[int, int, list[dict]]:
-    """(world, seed, per-rank results of run_all), one launch per world size."""
-    world, seed = request.param, seed_for(f"all-{request.param}")
-    results, codes = launch(world, "all", seed, tmp_path_factory.mktemp(f"all{world}"))
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module", params=[pytest.param((2, "cpu"), id="2-ranks"), pytest.param((3, "cpu"), id="3-ranks"),
+                                        pytest.param((2, "cuda"), id="2-ranks-cuda", marks=GPU)])
+def runs(request, tmp_path_factory) -> tuple[int, str, int, list[dict]]:
+    """(world, device, seed, per-rank results of run_all on CPU), one launch per world size and
+    device; the CUDA case runs gloo on CUDA tensors, all ranks on one GPU."""
+    world, device = request.param
+    seed = seed_for(f"all-{world}-{device}")
+    scenario = "all" if device == "cpu" else "all_cuda"
+    results, codes = launch(world, scenario, seed, tmp_path_factory.mktemp(f"all{world}{device}"))
     assert codes == [0] * world
-    return world, seed, results
+    return world, device, seed, results
 
 
 # ---- checks -----------------------------------------------------------------------------------
@@ -245,15 +259,15 @@ def assert_same_on_all_ranks(values: list, what: str) -> None:
 
 
 def test_statistics_and_groups_match_one_process(runs) -> None:
-    world, seed, results = runs
+    world, device, seed, results = runs
     for case, (sizes, clustered) in enumerate(GROUPING_CASES[world]):
-        groups, batches = grouping_inputs(seed + case, sizes, clustered)
+        groups, batches = on(device, *grouping_inputs(seed + case, sizes, clustered))
         expected = []
         for batch in batches:
             index, _ = sk.assign(batch, groups)
             sums, counts = sk.group_stats(batch, index, K)
             groups = sk.momentum_update(groups, sums, counts, BETA)
-            expected.append((index, sums, counts, groups))
+            expected.append(on("cpu", index, sums, counts, groups))
         for strategy, max_rows in STRATEGIES:
             key, what = (case, strategy, max_rows), f"sizes {sizes}, {strategy}, max_rows {max_rows}"
             for step, (index, sums, counts, groups) in enumerate(expected):
@@ -269,11 +283,11 @@ def test_statistics_and_groups_match_one_process(runs) -> None:
 
 
 def test_bfloat16_rows_match_one_process(runs) -> None:
-    world, seed, results = runs
+    world, device, seed, results = runs
     for case, (sizes, clustered) in enumerate(GROUPING_CASES[world]):
-        groups, batches = grouping_inputs(seed + case, sizes, clustered)
+        groups, batches = on(device, *grouping_inputs(seed + case, sizes, clustered))
         x16 = batches[0].bfloat16()
-        sums, counts = sk.group_stats(x16, sk.assign(x16, groups.bfloat16())[0], K)
+        sums, counts = on("cpu", *sk.group_stats(x16, sk.assign(x16, groups.bfloat16())[0], K))
         for strategy in ("allreduce", "allgather"):
             got_sums, got_counts = results[0]["grouping"][(case, "bf16", strategy)]
             assert torch.equal(got_counts, counts)
@@ -282,11 +296,12 @@ def test_bfloat16_rows_match_one_process(runs) -> None:
 
 
 def test_kmeans_matches_one_process_on_the_union(runs) -> None:
-    world, seed, results = runs
+    world, device, seed, results = runs
     seed += 100
-    union, init = kmeans_inputs(seed, world)
+    union, init = on(device, *kmeans_inputs(seed, world))
     for name, expected in (("drawn", sk.spherical_kmeans(union, KMEANS_K, KMEANS_ITERS, seed=seed)),
                            ("given", sk.spherical_kmeans(union, KMEANS_K, KMEANS_ITERS, init=init))):
+        expected = on("cpu", *expected)
         per_rank = [res["kmeans"][name] for res in results]
         assert_same_on_all_ranks([(c,) for c, _ in per_rank], f"k-means ({name} init) centroids")
         assert (per_rank[0][0] - expected[0]).abs().max() <= 1e-6, f"k-means ({name} init) centroids"
@@ -295,8 +310,8 @@ def test_kmeans_matches_one_process_on_the_union(runs) -> None:
 
 def test_gradients_match_one_process(runs) -> None:
     """Rank r's gradients equal those of the sum of all ranks' losses (the DDP convention), one process."""
-    world, seed, results = runs
-    data, (n_sizes, m_sizes) = grad_inputs(seed + 200, world), GRAD_CASES[world]
+    world, device, seed, results = runs
+    data, (n_sizes, m_sizes) = on(device, grad_inputs(seed + 200, world))[0], GRAD_CASES[world]
     update = data["update"].clone().requires_grad_()
     predictions = data["predictions"].clone().requires_grad_()
     index = ref.assign(update.detach(), data["groups"])[0]
@@ -309,9 +324,9 @@ def test_gradients_match_one_process(runs) -> None:
     for path in GRAD_PATHS:
         for r, res in enumerate(results):
             loss, g_update, g_pred = res["grad"][path]
-            assert torch.allclose(loss, losses[r].detach(), rtol=1e-6, atol=0), f"{path}: loss of rank {r}"
-            for got, want, what in ((g_update, share(update.grad, m_sizes, r), "update rows"),
-                                    (g_pred, share(predictions.grad, n_sizes, r, dim=1), "predictions")):
+            assert torch.allclose(loss, losses[r].detach().cpu(), rtol=1e-5, atol=0), f"{path}: loss of rank {r}"
+            for got, want, what in ((g_update, share(update.grad, m_sizes, r).cpu(), "update rows"),
+                                    (g_pred, share(predictions.grad, n_sizes, r, dim=1).cpu(), "predictions")):
                 assert got.shape == want.shape, f"{path}: {what} gradient shape on rank {r}"
                 assert (got - want).norm() <= 1e-5 * want.norm().clamp(min=1e-12), f"{path}: {what} gradient, rank {r}"
 
