@@ -11,6 +11,9 @@ it times (median, CUDA events through triton.testing.do_bench) and measures the 
   step          the whole grouping step of one head: assign the 2 x N target rows (momentum
                 network) and the N update rows (online network), group statistics of the update
                 rows, momentum update, loss forward + backward against the updated groups
+                (smog_kernels.step.grouping_step with the method's backend)
+  step_graph    the same step captured once in a CUDA graph and replayed (fused backends on a
+                GPU: possible because no kernel of the step synchronises with the host)
 
 for each method: "triton" (and "cuda" where the extension has CUDA kernels), "reference"
 (smog_kernels.reference), "lightly" (lightly.models.modules.heads.SMoGPrototypes, when importable)
@@ -20,8 +23,9 @@ TFLOP/s counts the useful products: 2NKD for assign and loss_fwd, 4NKD for loss_
 products at the same shapes. Each configuration also checks the fused results against the
 reference (relative errors in the JSON).
 
-The fused rows call the backend modules directly (as a training step does), without the public
-API's argument checks, which read index ranges back to the host.
+assign/loss rows of the fused backends call the backend modules directly, without the public API's
+argument checks (they read index ranges back to the host); the step rows go through the public
+smog_kernels.step.grouping_step, whose checks need no host synchronisation.
 
 --tiny runs small shapes (on CPU tensors under TRITON_INTERPRET=1 when there is no GPU) for
 correctness only; its timings mean nothing. Results: a table on stdout and JSON
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 SHAPES = [(4096, 3000, 128), (4096, 65536, 128), (32768, 65536, 256)]
 TINY_SHAPES = [(40, 37, 24), (33, 70, 16)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-OPS = ("assign", "loss_fwd", "loss_fwdbwd", "step")
+OPS = ("assign", "loss_fwd", "loss_fwdbwd", "step", "step_graph")
 TEMPERATURE = 0.1
 BETA = 0.99
 
@@ -118,6 +122,38 @@ class Problem:
         self.targets = torch.randint(0, k, (2, n), generator=g).to(device)
 
 
+def grouping_step_fn(pb: Problem, backend: str):
+    """smog_kernels.step.grouping_step (the public one-head step: fused assign + statistics where the
+    backend has it, update, loss) followed by the backward pass; returns (loss, groups', index of all
+    assigned rows)."""
+    from smog_kernels.step import grouping_step
+
+    out = grouping_step(pb.c, pb.z_targets.view(2, pb.n, pb.d), pb.z_update, pb.p.view(1, pb.n, pb.d),
+                        BETA, TEMPERATURE, backend=backend)
+    out.loss.backward()
+    return out.loss, out.centroids, torch.cat([out.targets.reshape(-1), out.index])
+
+
+def graphed(fn, grads):
+    """fn (forward + backward) captured once in a CUDA graph; returns the replay function. Works only
+    when nothing in fn synchronises with the host."""
+    for t in grads:
+        t.grad = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+            for t in grads:
+                t.grad = None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
 def fused_fns(pb: Problem, module, name: str) -> dict:
     from smog_kernels.fused_loss import FusedGroupLoss
 
@@ -136,15 +172,7 @@ def fused_fns(pb: Problem, module, name: str) -> dict:
         return out
 
     def step():
-        if hasattr(module, "assign_and_stats"):  # one launch: assignment + statistics
-            index, _, sums, counts = module.assign_and_stats(pb.x_all, pb.c, 2 * n)
-        else:
-            index, _ = module.assign(pb.x_all, pb.c)
-            sums, counts = module.group_stats(pb.z_update, index[2 * n:], pb.k)
-        updated = module.momentum_update(pb.c, sums, counts, BETA)
-        out = loss(pb.p, updated, index[: 2 * n].view(2, n))
-        out.backward()
-        return out, updated, index
+        return grouping_step_fn(pb, name)
 
     return {"assign": lambda: module.assign(pb.z_update, pb.c), "loss_fwd": loss_fwd,
             "loss_fwdbwd": loss_fwdbwd, "step": step}
@@ -165,12 +193,7 @@ def reference_fns(pb: Problem) -> dict:
             return ref.group_contrastive_loss(pb.p, pb.c, pb.targets, TEMPERATURE)
 
     def step():
-        index, _ = ref.assign(pb.x_all, pb.c)
-        sums, counts = ref.group_stats(pb.z_update, index[2 * n:], pb.k)
-        updated = ref.momentum_update(pb.c, sums, counts, BETA)
-        out = ref.group_contrastive_loss(pb.p, updated, index[: 2 * n].view(2, n), TEMPERATURE)
-        out.backward()
-        return out, updated, index
+        return grouping_step_fn(pb, "reference")
 
     return {"assign": lambda: ref.assign(pb.z_update, pb.c), "loss_fwd": loss_fwd,
             "loss_fwdbwd": loss_fwdbwd, "step": step}
@@ -225,7 +248,7 @@ def mm_fns(pb: Problem) -> dict:
 
 def useful_flops(op: str, n: int, k: int, d: int) -> float:
     return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d,
-            "step": 2.0 * 3 * n * k * d + 4.0 * n * k * d}[op]
+            "step": 2.0 * 3 * n * k * d + 4.0 * n * k * d, "step_graph": 2.0 * 3 * n * k * d + 4.0 * n * k * d}[op]
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -305,6 +328,8 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     available = {}
     for name, module in methods:
         available[name] = fused_fns(pb, module, name)
+        if device.type == "cuda":
+            available[name]["step_graph"] = None  # built (captured) when timed
     if not args.no_reference:
         available["reference"] = ref
     if lightly_cls is not None:
@@ -322,7 +347,10 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     for method, fns in available.items():
         for op in OPS:
             row = {"n": n, "k": k, "d": d, "dtype": dtype_name, "method": method, "op": op}
-            if op not in fns and method == "torch.mm":
+            if op not in fns and op in ("step", "step_graph"):
+                if op == "step" and method == "lightly":
+                    row["skipped"] = "per-group Python loop, minutes at this K"
+                    rows.append(row)
                 continue
             if op not in fns:
                 row["skipped"] = ("per-group Python loop, minutes at this K" if method == "lightly"
@@ -331,8 +359,11 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
                 continue
             grads = [pb.p] if op in ("loss_fwdbwd", "step") else None
             try:
-                row["ms"] = timed(fns[op], device, args.reps, args.warmup_ms, args.rep_ms, grads)
-                row["peak_extra_bytes"] = peak_extra_bytes(fns[op], device, grads)
+                fn = fns[op]
+                if op == "step_graph":
+                    fn = graphed(fns["step"], [pb.p])  # replays write p.grad in place: no reset
+                row["ms"] = timed(fn, device, args.reps, args.warmup_ms, args.rep_ms, grads)
+                row["peak_extra_bytes"] = peak_extra_bytes(fn, device, grads)
             except torch.cuda.OutOfMemoryError as exc:
                 row["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
                 torch.cuda.empty_cache()
@@ -352,11 +383,11 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     for r in rows:
         if "tflops" not in r:
             continue
-        base = mm.get(r["op"], {}).get("tflops") if r["op"] != "step" else mm_rate_loss
+        base = mm.get(r["op"], {}).get("tflops") if not r["op"].startswith("step") else mm_rate_loss
         if base:
             r["of_mm"] = r["tflops"] / base
         for peer in ("reference", "lightly"):
-            other = by.get((peer, r["op"]))
+            other = by.get((peer, "step" if r["op"] == "step_graph" else r["op"]))
             if other and "ms" in other and r["method"] != peer:
                 r[f"speedup_vs_{peer}"] = other["ms"] / r["ms"]
         if r.get("peak_extra_bytes") is not None:
@@ -397,10 +428,10 @@ def targets_summary(rows: list[dict]) -> list[dict]:
         if r["dtype"] != "bfloat16" or r["method"] not in ("triton", "cuda") or "ms" not in r:
             continue
         shape = (r["n"], r["k"], r["d"])
-        if shape == (4096, 3000, 128) and r["op"] == "step":
+        if shape == (4096, 3000, 128) and r["op"] in ("step", "step_graph"):
             for peer, need in (("reference", 5.0), ("lightly", 100.0)):
                 got = r.get(f"speedup_vs_{peer}")
-                out.append({"target": f"{r['method']} step {shape} >= {need}x {peer}", "value": got,
+                out.append({"target": f"{r['method']} {r['op']} {shape} >= {need}x {peer}", "value": got,
                             "met": None if got is None else got >= need})
         if shape in ((4096, 65536, 128), (32768, 65536, 256)) and r["op"] == "loss_fwdbwd":
             got = r.get("of_mm")

@@ -224,6 +224,16 @@ def loss_fwd_kernel(
     d_ok = d < D
     q = tl.load(p_ptr + r64[:, None] * stride_pn + d[None, :] * stride_pd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if pid_s == 0:
+        # target logits through the same tl.dot as the streamed tiles (the diagonal of
+        # q @ c_y^T), so that lse - logit is exactly 0 where the softmax is exactly one-hot (K = 1)
+        diag = tl.arange(0, BM)[:, None] == tl.arange(0, BM)[None, :]
+        for t in range(0, T):
+            y = tl.load(tgt_ptr + t * stride_tt + r64 * stride_tn, mask=row_ok, other=0)
+            cy = tl.load(c_ptr + y[:, None] * stride_ck + d[None, :] * stride_cd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * inv_t
+            tl.store(tl_ptr + t * N + rows, tl.sum(tl.where(diag, sd, 0.0), 1), mask=row_ok)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -252,16 +262,6 @@ def loss_fwd_kernel(
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-    if pid_s == 0:
-        # target logits through the same tl.dot as the streamed tiles (the diagonal of
-        # q @ c_y^T), so that lse - logit is exactly 0 where the softmax is exactly one-hot (K = 1)
-        diag = tl.arange(0, BM)[:, None] == tl.arange(0, BM)[None, :]
-        for t in range(0, T):
-            y = tl.load(tgt_ptr + t * stride_tt + r64 * stride_tn, mask=row_ok, other=0)
-            cy = tl.load(c_ptr + y[:, None] * stride_ck + d[None, :] * stride_cd,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * inv_t
-            tl.store(tl_ptr + t * N + rows, tl.sum(tl.where(diag, sd, 0.0), 1), mask=row_ok)
 
 
 @triton.jit
