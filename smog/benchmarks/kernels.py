@@ -9,11 +9,11 @@ GEMM-based implementation cannot beat: one product (x @ C.T) for the assignment,
 S @ C, S a given N x K matrix) for the loss. Peers in the same run: lightly's SMoGPrototypes
 (assign_groups + get_updated_group_features) and faiss-cpu's spherical k-means against ours.
 
-Peak extra memory: each case runs once more in a fresh process (python -m smog.benchmarks.kernels
---probe ...), which builds the inputs, resets the kernel's peak resident-set counter
-(/proc/self/clear_refs, Linux), runs the case and reports VmHWM minus the resident set before the
-call: everything the call allocated at its peak, inputs excluded. Cases whose estimated memory
-exceeds half of the memory free when the run starts are skipped and marked as such.
+Peak extra memory: each case runs once more in a fresh process (forked from a server process that
+has imported torch but run nothing), which builds the inputs, resets the kernel's peak resident-set
+counter (/proc/self/clear_refs, Linux), runs the case and reports VmHWM minus the resident set
+before the call: everything the call allocated at its peak, inputs excluded. Cases whose estimated memory
+exceeds half of the memory free when the run starts (or --max-gb) are skipped and marked as such.
 
 Writes a table to stdout and JSON to DIR/kernels_cpu.json (kernels_cpu_small.json for --shapes
 small).
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -117,18 +117,37 @@ def probe(op: str, impl: str, n: int, k: int, d: int) -> int:
         return _status_bytes("VmHWM:") - before
 
 
+def _probe_child(conn, op: str, impl: str, shape: tuple[int, int, int], threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        conn.send(probe(op, impl, *shape))
+    except Exception as e:  # reported by the parent
+        conn.send(f"{type(e).__name__}: {e}")
+    conn.close()
+
+
+_FORKSERVER = None
+
+
 def measure_memory(op: str, impl: str, shape: tuple[int, int, int]) -> int | None:
+    """probe() in a fresh process: a fork of a forkserver that has imported torch and smog_kernels
+    but never run a kernel (cheaper than a new interpreter per case)."""
+    global _FORKSERVER
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "smog.benchmarks.kernels", "--probe", op, impl, *map(str, shape),
-           "--threads", str(torch.get_num_threads())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        print(f"  memory probe failed for {op} / {impl} at {shape}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["torch", "smog_kernels", "smog.benchmarks.kernels"])
+    parent, child = _FORKSERVER.Pipe(duplex=False)
+    proc = _FORKSERVER.Process(target=_probe_child, args=(child, op, impl, shape, torch.get_num_threads()))
+    proc.start()
+    child.close()
+    result = parent.recv() if parent.poll(3600) else "no answer"
+    proc.join()
+    if not isinstance(result, int):
+        print(f"  memory probe failed for {op} / {impl} at {shape}: {result}", file=sys.stderr)
         return None
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"])
+    return result
 
 
 def available_bytes() -> int | None:
@@ -139,7 +158,11 @@ def available_bytes() -> int | None:
         return None
 
 
-def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int, grad: bool) -> dict[str, list[float]]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int, grad: bool,
+                      clock: Callable[[], float]) -> dict[str, list[float]]:
     """Each call once to warm up, then `repeats` rounds that run every call once, interleaved."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.enable_grad() if grad else torch.no_grad():
@@ -147,13 +170,13 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int, grad
             call()
         for _ in range(repeats):
             for name, call in calls.items():
-                start = time.perf_counter()
+                start = clock()
                 call()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
-def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int) -> dict:
+def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int, clock: Callable[[], float]) -> dict:
     """smog_kernels.spherical_kmeans (fused CPU) vs faiss.Kmeans(spherical=True), same data, K,
     iterations and thread count; quality = mean cosine of each point to its assigned centroid."""
     import numpy as np
@@ -182,9 +205,9 @@ def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             centroids = call()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
             quality = float(sk.assign(x, centroids.float(), backend="cpu")[1].mean())
             results[name] = {"times_s": times[name], "median_s": statistics.median(times[name]),
                              "mean_cosine": quality}
@@ -248,15 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 small, 3 issue)")
     parser.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default), or process CPU time: steadier on a busy machine, "
+                             "meaningful with --threads 1 only")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--probe", nargs=5, metavar=("OP", "IMPL", "N", "K", "D"), help=argparse.SUPPRESS)
+    parser.add_argument("--max-gb", type=float, default=None,
+                        help="skip cases estimated to need more (default: half the memory available)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.probe:
-        op, impl, n, k, d = args.probe
-        print(json.dumps({"extra_bytes": probe(op, impl, int(n), int(k), int(d))}))
-        return 0
 
     import smog_kernels
 
@@ -267,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[args.shapes]
     info = machine()
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads, "
-          f"avx512f={info['avx512f']}, torch {info['torch']}, {info['memory_available_gb']} GB available")
+          f"avx512f={info['avx512f']}, torch {info['torch']}, {info['memory_available_gb']} GB available; "
+          f"{args.clock} clock, median of {repeats}")
     free = available_bytes()
+    limit = args.max_gb * 2**30 if args.max_gb is not None else (free / 2 if free is not None else None)
     results: list[dict] = []
     header = f"{'N':>6} {'K':>6} {'D':>4}  {'operation':<20} {'implementation':<14} {'median ms':>10} {'x fused':>8} {'peak extra MiB':>15}"
     print(header)
@@ -280,15 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             for impl in IMPLS[op]:
                 need = SCORE_BUFFERS.get((op, impl), 0) * n * k * 4
                 row = {"shape": list(shape), "op": op, "impl": impl}
-                if free is not None and need > free / 2:
-                    row["skipped"] = f"needs ~{need / 2**30:.1f} GB, {free / 2**30:.1f} GB free"
+                if limit is not None and need > limit:
+                    row["skipped"] = f"needs ~{need / 2**30:.1f} GB > {limit / 2**30:.1f} GB allowed"
                 else:
                     try:
                         calls[impl] = make_case(op, impl, n, k, d)
                     except ImportError as e:
                         row["skipped"] = f"not installed ({e.name})"
                 rows[impl] = row
-            times = time_side_by_side(calls, repeats, grad=op == "loss fwd+bwd")
+            times = time_side_by_side(calls, repeats, op == "loss fwd+bwd", CLOCKS[args.clock])
             del calls
             for impl, row in rows.items():
                 if impl in times:
@@ -306,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<14} {row['median_s'] * 1e3:>10.1f} {rel:>8} "
                       f"{fmt_bytes(row.get('extra_bytes')):>15}")
     kn, kk, kd, iters = KMEANS[args.shapes]
-    kmeans = kmeans_peers(kn, kk, kd, iters, repeats=max(1, min(repeats, 2)))
+    kmeans = kmeans_peers(kn, kk, kd, iters, max(1, min(repeats, 2)), CLOCKS[args.clock])
     print(f"\nspherical k-means, N={kn} K={kk} D={kd}, {iters} iterations:")
     for name, r in kmeans["results"].items():
         if "skipped" in r:
@@ -324,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "kernels_cpu.json" if args.shapes == "issue" else f"kernels_cpu_{args.shapes}.json"
     path = os.path.join(args.out, name)
     with open(path, "w") as f:
-        json.dump({"machine": info, "shapes": args.shapes, "repeats": repeats,
+        json.dump({"machine": info, "shapes": args.shapes, "repeats": repeats, "clock": args.clock,
                    "settings": {"beta": BETA, "temperature": TEMPERATURE, "num_targets": NUM_TARGETS},
                    "results": results, "kmeans": kmeans, "targets": goals}, f, indent=1)
     print(f"\nwrote {path}")
