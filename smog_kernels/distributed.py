@@ -11,18 +11,24 @@ e = bytes per feature element:
   2 (W - 1) / W * 4 K (D + 2).
 - "allgather": ONE all-gather of every rank's rows and groups packed as bytes (N x (e D + 8)), then
   the statistics of all W * N gathered rows on every rank, in rank order, i.e. the single-process
-  row order. Bytes sent per rank (ring): (W - 1) * N * (e D + 8), and every rank then sums W * N rows
-  instead of N. Uneven shares are padded to N; padding rows carry group K and fall into an extra
+  row order, with torch.use_deterministic_algorithms switched on for that call so that every
+  backend takes its deterministic (sort + segmented sum) path on GPUs: the ranks must get the same
+  bits, and atomic float adds would not give them. Bytes sent per rank (ring):
+  (W - 1) * N * (e D + 8), and every rank then sums W * N rows instead of N. Uneven shares are padded to N; padding rows carry group K and fall into an extra
   group that is dropped. N is `max_rows` when the caller gives it (same value on every rank);
   otherwise the row counts are all-gathered first: one more (tiny) collective and a host read.
 
-`choose_strategy` ("auto") takes the strategy that sends fewer bytes: the all-gather when
-W * N * (e D + 8) < 2 * 4 K (D + 2), about W * N < 2 K for float32 rows. Measured with `smog bench
-distributed` (gloo over loopback, D = 128, bench/results/distributed_gloo*.json; 2 CPU cores shared
-with other jobs, so +-50% noise): with K = 65536 the all-gather is 1.8-3.4x faster at every N tried
-(256, 1024; W = 2, 3, 4); with K = 3000 the switch lies between W * N = 2000 and 6000 and moves from
-run to run, and the rule picked the faster strategy in 10 of 12 main and 13 of 18 sweep cases,
-the misses mostly next to the switch. Pass strategy= to override.
+`choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also packs,
+unpacks and sums all W * N gathered rows, and takes it when 2 * (its bytes) < (the all-reduce's
+bytes): W * N * (e D + 8) < 4 K (D + 2), about W * N < K for float32 rows (the bytes alone would
+say W * N < 2 K). Measured with `smog bench distributed` (gloo over loopback, D = 128, one thread
+per process on an idle 16-core machine, bench/results/distributed_gloo_16core*.json): K = 65536,
+N in {256, 1024}, W in {2, 3, 4}: all-gather 19-24 ms against all-reduce 60-68 ms; K = 3000: the
+all-gather is faster up to W * N = 2048 (W = 2, 4) or 1536 (W = 3) and slower from W * N = 3072
+(W = 2, 3) or 4096 (W = 4) on, and the rule picks the faster strategy in all 33 cases measured
+(both are within 0.5 ms of each other next to the switch). NCCL was not measured (one GPU). On a
+loaded 2-core machine (bench/results/distributed_gloo.json, _crossover.json) the figures are
+noisier but agree. Pass strategy= to override.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the
@@ -37,8 +43,9 @@ With torch.distributed not initialised, or a group of one process, everything is
 """
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,13 +123,14 @@ def bytes_moved(strategy: str, rows_per_rank: int, num_groups: int, dim: int, wo
 
 
 def choose_strategy(rows_per_rank: int, num_groups: int, dim: int, world: int, element_size: int = 4) -> str:
-    """"allgather" when it sends fewer bytes than "allreduce" (about W * N < 2 K), else "allreduce".
+    """"allgather" when twice its bytes (sent, then summed again on every rank) are fewer than
+    "allreduce"'s bytes, about W * N < K; else "allreduce".
 
     rows_per_rank must be the same on every rank (the largest share), or ranks would disagree.
     """
     gather = bytes_moved("allgather", rows_per_rank, num_groups, dim, world, element_size)
     reduce = bytes_moved("allreduce", rows_per_rank, num_groups, dim, world, element_size)
-    return "allgather" if gather < reduce else "allreduce"
+    return "allgather" if 2 * gather < reduce else "allreduce"
 
 
 # ---- autograd-aware collectives ----------------------------------------------------------------
@@ -197,6 +205,17 @@ def _local_stats(ops: ModuleType, x: torch.Tensor, index: torch.Tensor, num_grou
     return ops.group_stats(x, index, num_groups)
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms() -> Iterator[None]:
+    """torch.use_deterministic_algorithms(True) inside, the caller's setting restored after."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def _check_rows(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> None:
     """Shapes and dtypes; index values are range-checked only on the CPU (elsewhere that would sync)."""
     check.features("x", x)
@@ -264,7 +283,8 @@ class GroupStatsSync:
         if strategy == "allreduce":
             return self(*_local_stats(ops, x, index, num_groups))
         rows, groups = _GatherRows.apply(x, index, n_max, num_groups, self.group)
-        sums, counts = _local_stats(ops, rows, groups, num_groups + 1)  # group K = padding
+        with _deterministic_algorithms():  # every rank must sum the same rows to the same bits
+            sums, counts = _local_stats(ops, rows, groups, num_groups + 1)  # group K = padding
         return sums[:num_groups], counts[:num_groups]
 
 
