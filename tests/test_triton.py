@@ -8,6 +8,8 @@ test compares against smog_kernels.reference or a float64 computation on fresh r
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -309,3 +311,18 @@ def test_interpreter_tiles_are_small():
     """Under the interpreter the tests rely on 16-wide tiles, so that K spans several tiles."""
     cfg = ops._config("loss", torch.device("cpu"), torch.float32, 24)
     assert cfg["BN"] == tile_n("cpu") and cfg["BM"] == 16
+
+
+def test_kernels_compile_for_hopper_without_spills():
+    """Compiles the bfloat16 kernels with the configurations ops picks for sm_90 (no GPU needed) and
+    fails on a compile error or a register spill (ptxas -v)."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas")
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "smog_kernels.triton.aot_check", "--cap", "90", "--dtypes", "bf16",
+                          "--dims", "128,256", "--strict"], capture_output=True, text=True, timeout=900, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") >= 16, out.stdout

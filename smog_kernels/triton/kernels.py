@@ -84,7 +84,10 @@ def assign_kernel(
     if STATS:
         take = row_ok & (rows >= stats_from)
         target = best_idx.to(tl.int64)
-        tl.atomic_add(sums_ptr + target[:, None] * stride_sk + d[None, :], x.to(tl.float32),
+        # reloaded (from L2) rather than kept live through the loop: fewer registers
+        xs = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xn + d[None, :] * stride_xd,
+                     mask=take[:, None] & d_ok[None, :], other=0.0)
+        tl.atomic_add(sums_ptr + target[:, None] * stride_sk + d[None, :], xs.to(tl.float32),
                       mask=take[:, None] & d_ok[None, :], sem="relaxed")
         tl.atomic_add(counts_ptr + target, tl.full([BM], 1, tl.int64), mask=take, sem="relaxed")
 

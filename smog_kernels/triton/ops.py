@@ -77,7 +77,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
     # (Checked by compiling for sm_90 with ptxas -v: no register spills with unit feature strides.)
     if kind == "assign":
         if wide:
-            return dict(BM=64, BN=32, num_warps=8, num_stages=2) if big_d else dict(BM=64, BN=64, num_warps=4, num_stages=2)
+            return dict(BM=64, BN=32 if big_d else 64, num_warps=8, num_stages=2)
         if big_d:
             return dict(BM=128, BN=64, num_warps=8, num_stages=2)
         return dict(BM=128, BN=128, num_warps=8, num_stages=stages)
