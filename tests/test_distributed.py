@@ -118,6 +118,7 @@ def run_grouping(rank: int, world: int, seed: int, device: str) -> dict:
         index, _ = sk.assign(x16, groups0.bfloat16())
         for strategy in ("allreduce", "allgather"):
             out[(case, "bf16", strategy)] = skd.sync_group_stats(x16, index, K, strategy=strategy)
+    out["deterministic_mode_after"] = torch.are_deterministic_algorithms_enabled()  # must be restored
     return out
 
 
@@ -280,6 +281,7 @@ def test_statistics_and_groups_match_one_process(runs) -> None:
                 assert torch.allclose(got_sums / scale, sums / scale, rtol=0, atol=1e-6), f"{what}: sums, step {step}"
                 assert (got_groups - groups).abs().max() <= 1e-6, f"{what}: groups, step {step}"
             assert any((c == 0).any() for _, _, c, _ in expected), "the cases must include empty groups"
+    assert not any(res["grouping"]["deterministic_mode_after"] for res in results)
 
 
 def test_bfloat16_rows_match_one_process(runs) -> None:
