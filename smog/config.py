@@ -168,6 +168,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -237,6 +242,15 @@ def validate(cfg: Config) -> None:
     for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers"):
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)!r}")
+
+
+def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config:
+    """A checked Config from a nested dict (e.g. a checkpoint's resolved config) plus overrides."""
+    cfg = Config()
+    _apply(cfg, values)
+    _apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
 
 
 def load_config(name_or_path: str = "quickstart", overrides: list[str] | None = None) -> Config:

@@ -9,18 +9,10 @@ import sys
 import torch
 
 from smog import checkpoint
-from smog.config import Config, ConfigError, _apply, parse_overrides, validate
+from smog.config import ConfigError, config_from_dict
 from smog.data import DatasetNotFound
 from smog.evaluation import knn_scores, linear_score
 from smog.trainer import build_model, pick_device
-
-
-def config_of(state: dict, overrides: list[str]) -> Config:
-    cfg = Config()
-    _apply(cfg, state["config"])
-    _apply(cfg, parse_overrides(overrides))
-    validate(cfg)
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         state = checkpoint.load(args.checkpoint)
-        cfg = config_of(state, args.overrides)
+        cfg = config_from_dict(state["config"], args.overrides)
         device = pick_device(cfg.train.device)
         model = build_model(cfg)
         model.load_state_dict(state["model"])
