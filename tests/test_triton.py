@@ -35,10 +35,12 @@ def tile_n(device: str) -> int:
     return 16 if device == "cpu" else 64
 
 
-def sizes(device: str) -> tuple[int, int, int]:
-    """(N, K, D): K spans ~5 centroid tiles and ends mid-tile; D is not a power of two."""
+def sizes(device: str, even_k: bool = False) -> tuple[int, int, int]:
+    """(N, K, D): K spans ~5 centroid tiles and ends mid-tile (or, even_k, is a multiple of every
+    centroid tile: the unmasked path); D is not a power of two."""
     bn = tile_n(device)
-    return (37, 5 * bn + 3, 24) if device == "cpu" else (1000, 5 * bn + 3, 120)
+    k = 8 * bn if even_k else 5 * bn + 3
+    return (37, k, 24) if device == "cpu" else (1000, k, 120)
 
 
 @pytest.fixture
@@ -61,11 +63,12 @@ def f64_loss_parts(p, c, targets, inv_t):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 2, 3, 6], ids=lambda s: f"split{s}")
-def test_assign_split_k_merge_keeps_smallest_tied_index(device, dtype, splits, split, generator):
+@pytest.mark.parametrize("even_k", [False, True], ids=["K-ragged", "K-even"])
+def test_assign_split_k_merge_keeps_smallest_tied_index(device, dtype, splits, even_k, split, generator):
     """Each centroid appears twice, the copies far apart (different splits): the merge must keep
     the first copy, and the scores must match the reference."""
     split(splits)
-    n, k, d = sizes(device)
+    n, k, d = sizes(device, even_k)
     half = unit_rows(k // 2, d, dtype, device, generator)
     extra = unit_rows(k - 2 * (k // 2), d, dtype, device, generator)
     c = torch.cat([half, extra, half])  # copy j and j + K/2 (+1) in different tiles
@@ -86,9 +89,10 @@ def test_assign_split_k_merge_keeps_smallest_tied_index(device, dtype, splits, s
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 2, 4], ids=lambda s: f"split{s}")
-def test_loss_forward_split_k_merge(device, dtype, splits, split, generator):
+@pytest.mark.parametrize("even_k", [False, True], ids=["K-ragged", "K-even"])
+def test_loss_forward_split_k_merge(device, dtype, splits, even_k, split, generator):
     split(splits)
-    n, k, d = sizes(device)
+    n, k, d = sizes(device, even_k)
     p = unit_rows(n, d, dtype, device, generator, contiguous=False)
     c = unit_rows(k, d, dtype, device, generator)
     targets = torch.randint(0, k, (2, n), generator=generator).to(device)

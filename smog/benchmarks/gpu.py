@@ -124,14 +124,14 @@ class Problem:
 
 def grouping_step_fn(pb: Problem, backend: str):
     """smog_kernels.step.grouping_step (the public one-head step: fused assign + statistics where the
-    backend has it, update, loss) followed by the backward pass; returns (loss, groups', index of all
-    assigned rows)."""
+    backend has it, update, loss) followed by the backward pass; returns (loss, groups', targets,
+    index of the update rows)."""
     from smog_kernels.step import grouping_step
 
     out = grouping_step(pb.c, pb.z_targets.view(2, pb.n, pb.d), pb.z_update, pb.p.view(1, pb.n, pb.d),
                         BETA, TEMPERATURE, backend=backend)
     out.loss.backward()
-    return out.loss, out.centroids, torch.cat([out.targets.reshape(-1), out.index])
+    return out.loss, out.centroids, out.targets, out.index
 
 
 def graphed(fn, grads):
@@ -304,8 +304,9 @@ def check_against_reference(pb: Problem, fns: dict, ref_fns: dict) -> dict:
             errors["loss"] = rel_err(loss, out)
             errors["grad_p"] = rel_err(grad, pb.p.grad)
     pb.p.grad = None
-    f_loss, f_updated, f_index = fns["step"]()
-    r_loss, r_updated, r_index = ref_fns["step"]()
+    f_loss, f_updated, f_targets, f_index = fns["step"]()
+    r_loss, r_updated, r_targets, r_index = ref_fns["step"]()
+    f_index, r_index = torch.cat([f_targets.reshape(-1), f_index]), torch.cat([r_targets.reshape(-1), r_index])
     errors["step_loss"] = rel_err(f_loss, r_loss)
     errors["step_groups"] = rel_err(f_updated, r_updated)
     errors["step_assign_agreement"] = float((f_index == r_index).float().mean())

@@ -94,15 +94,15 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
         c = cfg["assign"]
         yield ("assign", k.assign_kernel,
                {"x_ptr": ptr, "c_ptr": ptr, "val_ptr": f32, "idx_ptr": "*i64", "sums_ptr": f32, "counts_ptr": "*i64"},
-               dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, STATS=True),
+               dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, STATS=True, EVEN_K=False),
                c["num_warps"], c["num_stages"])
     if "loss" in kernels:
         c = cfg["loss"]
-        for final in (True, False):
-            yield (f"loss_fwd(FINAL={final})", k.loss_fwd_kernel,
+        for final, even in ((True, True), (False, False)):
+            yield (f"loss_fwd(FINAL={final},EVEN_K={even})", k.loss_fwd_kernel,
                    {"p_ptr": ptr, "c_ptr": ptr, "tgt_ptr": "*i64", "m_ptr": f32, "l_ptr": f32, "acc_ptr": f32,
-                    "lse_ptr": f32, "att_ptr": f32, "tl_ptr": f32, "inv_t": "fp32"},
-                   dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, FINAL=final),
+                    "lse_ptr": f32, "att_ptr": f32, "tl_ptr": f32, "scale2": "fp32"},
+                   dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, FINAL=final, EVEN_K=even),
                    c["num_warps"], c["num_stages"])
     if "cgrad" in kernels:
         c = cfg["cgrad"]

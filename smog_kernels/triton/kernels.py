@@ -47,13 +47,13 @@ def assign_kernel(
     N, K, D, tiles_per_split, stats_from,
     stride_xn, stride_xd, stride_ck, stride_cd, stride_sk,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Program (row block m, split s) scans centroid tiles [s*tiles_per_split, (s+1)*tiles_per_split)
     and writes its best (score, index) per row to val/idx[s, row]. Ties keep the smallest k: a tile
     only replaces the running best on a strictly larger score, and inside a tile the smallest k among
     the maximal columns wins. With STATS (only launched with one split) the rows >= stats_from are
-    also added to sums/counts of their group by atomics."""
+    also added to sums/counts of their group by atomics. EVEN_K: K is a multiple of BN."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -68,11 +68,16 @@ def assign_kernel(
     k_stop = tl.minimum(k_begin + tiles_per_split * BN, K)
     for k0 in range(k_begin, k_stop, BN):
         cols = k0 + tl.arange(0, BN)
-        col_ok = cols < K
-        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(x, tl.trans(c), PRECISION, UPCAST)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if EVEN_K:
+            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                        mask=d_ok[None, :], other=0.0)
+            s = _dot(x, tl.trans(c), PRECISION, UPCAST)
+        else:
+            col_ok = cols < K
+            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(x, tl.trans(c), PRECISION, UPCAST)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1)
         am = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), 1)
         better = m > best
@@ -209,15 +214,18 @@ def momentum_kernel(
 @triton.jit
 def loss_fwd_kernel(
     p_ptr, c_ptr, tgt_ptr, m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, tl_ptr,
-    N, K, D, T, tiles_per_split, inv_t,
+    N, K, D, T, tiles_per_split, scale2,
     stride_pn, stride_pd, stride_ck, stride_cd, stride_tt, stride_tn,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Program (row block, split) streams its centroid tiles with a running max of the logits,
-    sum of exponentials and rescaled accumulator sum_k e^{l_k} c_k. FINAL (one split): writes
-    lse [N] and attention [N, D]; otherwise the partial (m, l, acc) [split, N(, D)] for the merge
-    kernel. Split 0 also writes the target logits <p, c_y> / tau for the T target sets."""
+    """Program (row block, split) streams its centroid tiles with a running max, sum of
+    exponentials and rescaled accumulator sum_k e^{l_k} c_k, all in log2 units (logits times
+    scale2 = log2(e) / tau, one multiply per score). FINAL (one split): writes lse [N] (natural
+    units) and attention [N, D]; otherwise the partial (m, l, acc) [split, N(, D)] for the merge
+    kernel. Split 0 also writes the target logits <p, c_y> / tau for the T target sets, through
+    the same tl.dot and the same rounding steps as lse, so that lse - logit is exactly 0 where
+    the softmax is exactly one-hot (K = 1). EVEN_K: K is a multiple of BN (no column masks)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -228,15 +236,14 @@ def loss_fwd_kernel(
     q = tl.load(p_ptr + r64[:, None] * stride_pn + d[None, :] * stride_pd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if pid_s == 0:
-        # target logits through the same tl.dot as the streamed tiles (the diagonal of
-        # q @ c_y^T), so that lse - logit is exactly 0 where the softmax is exactly one-hot (K = 1)
         diag = tl.arange(0, BM)[:, None] == tl.arange(0, BM)[None, :]
         for t in range(0, T):
             y = tl.load(tgt_ptr + t * stride_tt + r64 * stride_tn, mask=row_ok, other=0)
             cy = tl.load(c_ptr + y[:, None] * stride_ck + d[None, :] * stride_cd,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * inv_t
-            tl.store(tl_ptr + t * N + rows, tl.sum(tl.where(diag, sd, 0.0), 1), mask=row_ok)
+            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * scale2
+            target2 = tl.sum(tl.where(diag, sd, 0.0), 1)
+            tl.store(tl_ptr + t * N + rows, target2 * 0.6931471805599453, mask=row_ok)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -244,20 +251,25 @@ def loss_fwd_kernel(
     k_stop = tl.minimum(k_begin + tiles_per_split * BN, K)
     for k0 in range(k_begin, k_stop, BN):
         cols = k0 + tl.arange(0, BN)
-        col_ok = cols < K
-        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = _dot(q, tl.trans(c), PRECISION, UPCAST) * inv_t
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if EVEN_K:
+            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                        mask=d_ok[None, :], other=0.0)
+            s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
+        else:
+            col_ok = cols < K
+            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2((m_i - m_new) * 1.4426950408889634)
-        e = tl.exp2(s * 1.4426950408889634 - (m_new * 1.4426950408889634)[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(s - m_new[:, None])  # exactly 1 at the maximum: no fused multiply-add here
         l_i = l_i * alpha + tl.sum(e, 1)
         acc = acc * alpha[:, None] + _dot(_operand(e, c, UPCAST), c, PRECISION, UPCAST)
         m_i = m_new
     if FINAL:
-        l_i = tl.where(row_ok, l_i, 1.0)  # padding rows: keep log2/divide quiet
-        tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+        l_i = tl.where(row_ok, l_i, 1.0)  # padding rows: keep log/divide quiet
+        tl.store(lse_ptr + rows, m_i * 0.6931471805599453 + tl.log(l_i), mask=row_ok)
         tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / l_i[:, None],
                  mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -272,8 +284,8 @@ def loss_merge_kernel(
     m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, N, D, SPLIT,
     BM: tl.constexpr, BD: tl.constexpr,
 ):
-    """Combines the splits' (m, l, acc): M = max m_s, L = sum l_s e^(m_s - M),
-    attention = sum acc_s e^(m_s - M) / L, lse = M + log L."""
+    """Combines the splits' (m, l, acc) (log2 units): M = max m_s, L = sum l_s 2^(m_s - M),
+    attention = sum acc_s 2^(m_s - M) / L, lse = M ln 2 + log L."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_ok = rows < N
@@ -287,11 +299,11 @@ def loss_merge_kernel(
     acc = tl.zeros([BM, BD], tl.float32)
     for s in range(0, SPLIT):
         part = s * N + r64
-        w = tl.exp2((tl.load(m_ptr + part, mask=row_ok, other=0.0) - big) * 1.4426950408889634)
+        w = tl.exp2(tl.load(m_ptr + part, mask=row_ok, other=0.0) - big)
         total += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=mask, other=0.0)
     total = tl.where(row_ok, total, 1.0)
-    tl.store(lse_ptr + rows, big + tl.log(total), mask=row_ok)
+    tl.store(lse_ptr + rows, big * 0.6931471805599453 + tl.log(total), mask=row_ok)
     tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / total[:, None], mask=mask)
 
 

@@ -159,6 +159,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, stats_from: int | None = No
             n, kk, d, per, 0 if stats_from is None else stats_from,
             x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1), sums.stride(0),
             BM=bm, BN=bn, BD=bd, PRECISION=precision(x.dtype), UPCAST=upcast(x), STATS=fused_stats and split == 1,
+            EVEN_K=kk % bn == 0,
             **_launch_kw(cfg),
         )
         if split > 1:
@@ -265,10 +266,11 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     inv_t = float(inv_temperature)
     k.loss_fwd_kernel[(row_blocks, split)](
         p, centroids, targets, m_part, l_part, acc_part, lse, att, tlog,
-        n, kk, d, t, per, inv_t,
+        n, kk, d, t, per, inv_t * _LOG2E,
         p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
         targets.stride(0), targets.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p), FINAL=split == 1,
+        EVEN_K=kk % bn == 0,
         **_launch_kw(cfg),
     )
     if split > 1:
