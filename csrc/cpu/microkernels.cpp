@@ -9,7 +9,8 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// -DSMOG_NO_AVX512 builds the portable kernels only (as on other architectures).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SMOG_NO_AVX512)
 #define SMOG_HAVE_AVX512 1
 #include <immintrin.h>
 // GCC's _mm512_reduce_* helpers start from _mm512_undefined_ps(), which -Wall reports.

@@ -22,7 +22,7 @@ namespace smog::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kLossRows = 8 * kMR;    // rows per task of the loss forward pass
+constexpr int64_t kLossRows = 4 * kMR;    // rows per task of the loss forward pass
 constexpr int64_t kAssignRows = 4 * kMR;  // rows per task of the assignment
 constexpr int64_t kColBlock = 7 * kNR;    // centroids per streamed tile (224, a multiple of kMR too)
 // Below this many multiply-adds (or element updates) an op runs on one thread: waking the
