@@ -1,9 +1,10 @@
 // Fused CPU implementations of the smog:: operators (schemas in csrc/ops.cpp).
 //
-// Inputs of any float dtype and any strides are copied once into zero-padded float32 buffers
-// (row width dp = D rounded up to 16) and packed for the micro-kernels (microkernels.h). Every op
-// streams over centroid tiles with per-row running reductions, so no N x K buffer ever exists:
-// the extra memory is O((N + K) * D) plus per-thread tiles. Work is split over blocks of rows
+// Inputs are read as float32 rows of width dp = D rounded up to 16 (used in place when already
+// so, else one converting copy from any float dtype and strides, zero-padded) and packed for the
+// micro-kernels (microkernels.h). Every op streams over centroid tiles with per-row running
+// reductions, so no N x K buffer ever exists: the extra memory is O((N + K) * D) plus per-thread
+// tiles. Work is split over blocks of rows
 // (or of centroids) with OpenMP, each block owned by one thread: no atomics, and results do
 // not depend on the number of threads.
 #include <ATen/ATen.h>
