@@ -4,9 +4,8 @@
 // so, else one converting copy from any float dtype and strides, zero-padded) and packed for the
 // micro-kernels (microkernels.h). Every op streams over centroid tiles with per-row running
 // reductions, so no N x K buffer ever exists: the extra memory is O((N + K) * D) plus per-thread
-// tiles. Work is split over blocks of rows
-// (or of centroids) with OpenMP, each block owned by one thread: no atomics, and results do
-// not depend on the number of threads.
+// tiles. Work is split over blocks of rows (or of centroids) with OpenMP, each block owned by one
+// thread: no atomics, and results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
