@@ -188,3 +188,17 @@ def test_non_contiguous_and_16_bit_inputs():
         moved = torch.ops.smog.momentum_update(cl, *ref.group_stats(xl[:26], torch.arange(26), 26), 0.5)
         assert moved.dtype == dtype
         assert rel_err(moved, ref.momentum_update(cl, *ref.group_stats(xl[:26], torch.arange(26), 26), 0.5)) <= REL_TOL[dtype]
+
+
+def test_non_finite_rows_propagate():
+    """A NaN row gets a NaN score (and an index in range) and a NaN loss; other rows are unaffected
+    (the contract in smog_kernels.api)."""
+    x, c = unit(9, 16, 10), unit(40, 16, 11)
+    x[3] = float("nan")
+    index, score = torch.ops.smog.assign(x, c)
+    assert bool(score[3].isnan()) and 0 <= int(index[3]) < 40
+    keep = torch.arange(9) != 3
+    ref_index, _ = ref.assign(x[keep], c)
+    assert torch.equal(index[keep], ref_index)
+    lse, target_logits, _ = torch.ops.smog.loss_forward(x, c, torch.zeros(1, 9, dtype=torch.long), 10.0)
+    assert bool(lse[3].isnan()) and bool(lse[keep].isfinite().all())

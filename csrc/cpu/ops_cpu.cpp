@@ -123,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
             top_index = a[j];
           }
         index_p[r] = top_index;
-        score_p[r] = top;
+        // no finite or +inf score beat -inf: the row's scores are all NaN (non-finite input)
+        score_p[r] = top == kNegInf ? std::numeric_limits<float>::quiet_NaN() : top;
       }
     }
   }
