@@ -209,10 +209,11 @@ def data_info(cfg: DataConfig) -> DataInfo:
     return DataInfo(channels, cfg.large_size, mean, std)
 
 
-def train_set(cfg: Config) -> MultiCropSet:
+def train_set(cfg: Config, large: int = 2) -> MultiCropSet:
+    """The pretraining set: `large` large crops per view set (+ small q crops), seeded by cfg.train.seed."""
     info = data_info(cfg.data)
     images = load_split(cfg.data, "train").subset(cfg.data.train_subset)
-    return MultiCropSet(images, MultiCrop(cfg.data, info.channels, info.mean, info.std), cfg.train.seed)
+    return MultiCropSet(images, MultiCrop(cfg.data, info.channels, info.mean, info.std, large), cfg.train.seed)
 
 
 def clean_set(cfg: DataConfig, split: str, count: int = 0) -> CleanSet:

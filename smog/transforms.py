@@ -32,17 +32,21 @@ def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int,
 
 
 class MultiCrop:
-    """uint8 image [C, H, W] -> {"q": [2 large + S small crops], "k": [2 large crops]} (float, normalised)."""
+    """uint8 image [C, H, W] -> {"q": [L large + S small crops], "k": [L large crops]} (float, normalised).
 
-    def __init__(self, cfg: DataConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    L = `large` (2 for SMoG: two targets; 1 gives the plain two-view pair other recipes use).
+    """
+
+    def __init__(self, cfg: DataConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 large: int = 2):
         self.q_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 1.0, 0.0)
         self.k_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 0.1, 0.2)
         self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, 1.0, 0.0)
-        self.small_crops = cfg.small_crops
+        self.small_crops, self.large = cfg.small_crops, large
 
     def __call__(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        q = [self.q_large(image), self.q_large(image)] + [self.q_small(image) for _ in range(self.small_crops)]
-        return {"q": q, "k": [self.k_large(image), self.k_large(image)]}
+        q = [self.q_large(image) for _ in range(self.large)] + [self.q_small(image) for _ in range(self.small_crops)]
+        return {"q": q, "k": [self.k_large(image) for _ in range(self.large)]}
 
 
 def clean_transform(size: int, native: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:

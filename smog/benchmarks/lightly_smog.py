@@ -4,7 +4,8 @@ lightly's parts: SMoGProjectionHead / SMoGPredictionHead, SMoGPrototypes (one he
 detached-free logits), a 10000-row FIFO MemoryBankModule of the online z, scikit-learn KMeans on that bank
 and a momentum-network reset every 300 steps (EMA 0.99 otherwise), the two views swapped every second
 step, SGD lr 0.01 momentum 0.9 weight decay 1e-6 with a per-epoch cosine schedule. Shared with smog's run:
-backbone, data (views: the first large q crop and the first large k crop), epochs, batch size, seed.
+backbone, data and augmentations (one q-style and one k-style large crop per image), epochs, batch size,
+seed.
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def train_lightly(cfg: Config) -> dict:
     from lightly.models.utils import update_momentum
 
     device = pick_device(cfg.train.device)
-    dataset = train_set(cfg)
+    cfg = copy.deepcopy(cfg)
+    cfg.data.small_crops = 0
+    dataset = train_set(cfg, large=1)  # one view per set: no crops made for nothing
     model = LightlySMoG(build_model(cfg).online.backbone, cfg, len(dataset)).to(device)
     params = (list(model.backbone.parameters()) + list(model.projection_head.parameters())
               + list(model.prediction_head.parameters()))
