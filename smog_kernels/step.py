@@ -66,7 +66,9 @@ def grouping_step(
     predictions [V, N, D]: online p of every q crop; the gradient flows into them. The loss is the
     mean over t, v, b of -log softmax_k(<p_vb, g'_k> / temperature)[targets[t, b]].
     With grad_centroids (lightly's variant) the gradient also flows through G' into update_rows via
-    the (1 - beta) * mean term; reduce_stats must then be autograd-aware.
+    the (1 - beta) * mean term; reduce_stats must then be autograd-aware. A reducer with a
+    `from_rows(x, index, num_groups, backend)` method (smog_kernels.distributed.GroupStatsSync) is
+    given the rows themselves, so that it can all-gather them where that moves fewer bytes.
     """
     _check_step(centroids, target_rows, update_rows, predictions, beta, temperature)
     resolved = resolve(backend, centroids.device)
@@ -75,18 +77,24 @@ def grouping_step(
     k = centroids.shape[0]
     groups = centroids.detach()
     rows = torch.cat([target_rows.detach().reshape(t * n, d), update_rows.detach()])
-    fused_first_pass = getattr(ops, "assign_and_stats", None)
-    if fused_first_pass is not None and not grad_centroids:
+    from_rows = getattr(reduce_stats, "from_rows", None)  # a reducer that can gather rows instead
+    fused_first_pass = None if grad_centroids or from_rows else getattr(ops, "assign_and_stats", None)
+    if fused_first_pass is not None:
         index_all, _, sums, counts = fused_first_pass(rows, groups, stats_from=t * n)
     else:
         index_all, _ = ops.assign(rows, groups)
     targets, index = index_all[: t * n].view(t, n), index_all[t * n :]
 
-    stats_ops = reference if grad_centroids else ops
-    if fused_first_pass is None or grad_centroids:
-        sums, counts = stats_ops.group_stats(update_rows if grad_centroids else update_rows.detach(), index, k)
-    if reduce_stats is not None:
-        sums, counts = reduce_stats(sums, counts)
+    # the grad-into-groups variant needs differentiable statistics: the reference's
+    stats_name, stats_ops = ("reference", reference) if grad_centroids else resolved
+    members = update_rows if grad_centroids else update_rows.detach()
+    if from_rows is not None:
+        sums, counts = from_rows(members, index, k, backend=stats_name)
+    else:
+        if fused_first_pass is None:
+            sums, counts = stats_ops.group_stats(members, index, k)
+        if reduce_stats is not None:
+            sums, counts = reduce_stats(sums, counts)
     updated = stats_ops.momentum_update(groups, sums, counts, float(beta))
 
     v = predictions.shape[0]
