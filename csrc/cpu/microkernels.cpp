@@ -90,15 +90,9 @@ void exp_columns_portable(float* v, int64_t n, const float* shift, const float* 
   for (int64_t i = 0; i < n; ++i) v[i] = weight[i] * std::exp(v[i] - shift[i]);
 }
 
-float dot_portable(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-const MicroKernels kPortable = {tile_scores_portable,   tile_argmax_portable, gemm_acc_portable,
-                                max_of_portable,        exp_shift_sum_portable,
-                                exp_columns_portable,   dot_portable,         "portable"};
+const MicroKernels kPortable = {tile_scores_portable, tile_argmax_portable,   gemm_acc_portable,
+                                max_of_portable,     exp_shift_sum_portable, exp_columns_portable,
+                                "portable"};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: a kMR x kNR block of scores lives in 2 * kMR = 28 zmm accumulators; each d-step
@@ -162,50 +156,60 @@ SMOG_AVX512 void tile_argmax_avx512(const float* block, const float* panel, int6
   }
 }
 
-// c[r][0:dp] += sum_j a[r][j] b[j][0:dp] for R rows: R x 64 columns (4 vectors) in registers.
+// c[r][0:width] += sum_{j < inner} a[r][j] b[j][0:width] for R rows and width <= 64 columns,
+// held as R x 4 vectors in registers.
 template <int R>
 SMOG_AVX512 void gemm_rows_avx512(int64_t inner, const float* a, int64_t lda, const float* b,
-                                  int64_t ldb, float* c, int64_t ldc, int64_t dp) {
-  for (int64_t c0 = 0; c0 < dp; c0 += 64) {
-    __mmask16 m[4];
+                                  int64_t ldb, float* c, int64_t ldc, int64_t width) {
+  __mmask16 m[4];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) m[v] = lane_mask(dp - c0 - 16 * v);
-    __m512 acc[R][4];
+  for (int v = 0; v < 4; ++v) m[v] = lane_mask(width - 16 * v);
+  __m512 acc[R][4];
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_maskz_loadu_ps(m[v], c + r * ldc + c0 + 16 * v);
-    for (int64_t j = 0; j < inner; ++j) {
-      __m512 bv[4];
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_maskz_loadu_ps(m[v], c + r * ldc + 16 * v);
+  for (int64_t j = 0; j < inner; ++j) {
+    __m512 bv[4];
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + j * ldb + c0 + 16 * v);
+    for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_ps(m[v], b + j * ldb + 16 * v);
 #pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m512 ar = _mm512_set1_ps(a[r * lda + j]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * lda + j]);
 #pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
-      }
+      for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
     }
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(c + r * ldc + c0 + 16 * v, m[v], acc[r][v]);
   }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, m[v], acc[r][v]);
 }
 
+// Blocks of kInner rows of b by 64 columns (28 KiB) stay in L1 while every 6-row block of a and
+// c passes over them; the sum over j still runs in increasing order for every element.
 SMOG_AVX512 void gemm_acc_avx512(int64_t rows, int64_t inner, const float* a, int64_t lda,
                                  const float* b, int64_t ldb, float* c, int64_t ldc, int64_t dp) {
-  constexpr int64_t kRows = 6;
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows)
-    gemm_rows_avx512<kRows>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp);
-  switch (rows - r) {
-    case 5: gemm_rows_avx512<5>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
-    case 4: gemm_rows_avx512<4>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
-    case 3: gemm_rows_avx512<3>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
-    case 2: gemm_rows_avx512<2>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
-    case 1: gemm_rows_avx512<1>(inner, a + r * lda, lda, b, ldb, c + r * ldc, ldc, dp); break;
-    default: break;
+  constexpr int64_t kRows = 6, kInner = 112;
+  for (int64_t j0 = 0; j0 < inner; j0 += kInner) {
+    const int64_t jn = std::min(kInner, inner - j0);
+    for (int64_t c0 = 0; c0 < dp; c0 += 64) {
+      const int64_t width = std::min<int64_t>(64, dp - c0);
+      const float* bb = b + j0 * ldb + c0;
+      int64_t r = 0;
+      for (; r + kRows <= rows; r += kRows)
+        gemm_rows_avx512<kRows>(jn, a + r * lda + j0, lda, bb, ldb, c + r * ldc + c0, ldc, width);
+      const float* ar = a + r * lda + j0;
+      float* cr = c + r * ldc + c0;
+      switch (rows - r) {
+        case 5: gemm_rows_avx512<5>(jn, ar, lda, bb, ldb, cr, ldc, width); break;
+        case 4: gemm_rows_avx512<4>(jn, ar, lda, bb, ldb, cr, ldc, width); break;
+        case 3: gemm_rows_avx512<3>(jn, ar, lda, bb, ldb, cr, ldc, width); break;
+        case 2: gemm_rows_avx512<2>(jn, ar, lda, bb, ldb, cr, ldc, width); break;
+        case 1: gemm_rows_avx512<1>(jn, ar, lda, bb, ldb, cr, ldc, width); break;
+        default: break;
+      }
+    }
   }
 }
 
@@ -254,16 +258,9 @@ SMOG_AVX512 void exp_columns_avx512(float* v, int64_t n, const float* shift, con
   }
 }
 
-// one fused multiply-add per element in order, like each accumulator lane of SMOG_TILE_DOT
-SMOG_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < n; ++i) acc = __builtin_fmaf(a[i], b[i], acc);
-  return acc;
-}
-
-const MicroKernels kAvx512 = {tile_scores_avx512,   tile_argmax_avx512,   gemm_acc_avx512,
-                              max_of_avx512,        exp_shift_sum_avx512, exp_columns_avx512,
-                              dot_avx512,           "avx512"};
+const MicroKernels kAvx512 = {tile_scores_avx512, tile_argmax_avx512,   gemm_acc_avx512,
+                              max_of_avx512,      exp_shift_sum_avx512, exp_columns_avx512,
+                              "avx512"};
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();

@@ -34,8 +34,6 @@ struct MicroKernels {
   float (*exp_shift_sum)(float* v, int64_t n, float shift);
   // v[i] = weight[i] * exp(v[i] - shift[i]) for i < n.
   void (*exp_columns)(float* v, int64_t n, const float* shift, const float* weight);
-  // <a, b> over n floats, rounded exactly like one lane of tile_scores (before its scaling).
-  float (*dot)(const float* a, const float* b, int64_t n);
   const char* name;
 };
 

@@ -229,8 +229,8 @@ at::Tensor momentum_update_cpu(const at::Tensor& centroids, const at::Tensor& su
 // ---------------------------------------------------------------------------------------------
 // loss_forward: per block of rows, stream over tiles of kColBlock centroids: scores (scaled by
 // inv_t) -> online max / sum of exponentials per row -> acc += softmax-weights @ centroids, with
-// acc rescaled whenever a row's max grows. Target logits are separate dot products rounded
-// like the tile scores (so one-centroid losses are exactly 0).
+// acc rescaled whenever a row's max grows. Target logits are read from the score tiles, so they
+// are the very values the log-sum-exp saw (a one-centroid loss is exactly 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor& p,
                                                                  const at::Tensor& centroids,
                                                                  const at::Tensor& targets,
@@ -250,10 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
   for (int64_t i = 0; i < nt * n; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < k, "target ", tp[i], " is outside [0, ", k, ")");
   const int64_t dp = round_up(d, 16), np = round_up(n, kMR), kp = round_up(k, kNR);
-  const at::Tensor pf = float_rows(p, dp), cf = float_rows(centroids, dp);
-  const at::Tensor pb = pack_rows(pf, kMR, np), cb = pack_rows(cf, kNR, kp);
-  const float *pfp = pf.data_ptr<float>(), *pbp = pb.data_ptr<float>();
-  const float *cfp = cf.data_ptr<float>(), *cbp = cb.data_ptr<float>();
+  const at::Tensor cf = float_rows(centroids, dp);
+  const at::Tensor pb = pack_rows(float_rows(p, dp), kMR, np), cb = pack_rows(cf, kNR, kp);
+  const float *pbp = pb.data_ptr<float>(), *cfp = cf.data_ptr<float>(), *cbp = cb.data_ptr<float>();
   float *lse_p = lse.data_ptr<float>(), *tl_p = target_logits.data_ptr<float>();
   float* att_p = attention.data_ptr<float>();
   const MicroKernels& mk = micro_kernels();
@@ -278,6 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s.data() + r * kColBlock;
+          for (int64_t tt = 0; r0 + r < n && tt < nt; ++tt) {  // target logits inside this tile
+            const int64_t col = tp[tt * n + r0 + r] - c0;
+            if (col >= 0 && col < cols) tl_p[tt * n + r0 + r] = sr[col];
+          }
           const float top = std::max(mx[r], mk.max_of(sr, cols));
           if (top > mx[r] && sum[r] > 0.f) {
             const float rescale = std::exp(mx[r] - top);
@@ -296,10 +299,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
         lse_p[row] = mx[r] + std::log(sum[r]);
         const float inv_sum = 1.f / sum[r];
         for (int64_t j = 0; j < d; ++j) att_p[row * d + j] = acc[r * dp + j] * inv_sum;
-        const float* pr = pfp + row * dp;
-        for (int64_t tt = 0; tt < nt; ++tt) {
-          tl_p[tt * n + row] = inv_t * mk.dot(pr, cfp + tp[tt * n + row] * dp, dp);
-        }
       }
     }
   }
