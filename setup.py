@@ -8,7 +8,13 @@ import site
 import sys
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# A wrapper script such as /usr/local/bin/nvcc makes torch guess CUDA_HOME=/usr/local, where the CUDA
+# libraries are not; prefer the toolkit folder itself when it exists (before cpp_extension reads it).
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +53,7 @@ if cuda:
     include_dirs += nvidia_wheel_includes()
     arch = os.environ.get("SMOG_CUDA_ARCH", "-gencode=arch=compute_80,code=sm_80 "
                           "-gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90")
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + arch.split()
+    extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + arch.split()
 
 setup(
     name="smog",
