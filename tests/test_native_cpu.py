@@ -202,3 +202,17 @@ def test_non_finite_rows_propagate():
     assert torch.equal(index[keep], ref_index)
     lse, target_logits, _ = torch.ops.smog.loss_forward(x, c, torch.zeros(1, 9, dtype=torch.long), 10.0)
     assert bool(lse[3].isnan()) and bool(lse[keep].isfinite().all())
+
+
+def test_kernel_benchmark_runs(tmp_path):
+    """`smog bench kernels --shapes small` times every implementation and writes its JSON."""
+    from smog.benchmarks import kernels
+
+    assert kernels.main(["--shapes", "small", "--repeats", "1", "--no-memory", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernels_cpu_small.json").read_text())
+    timed = {(r["op"], r["impl"]) for r in report["results"] if "median_s" in r}
+    for op in kernels.OPS:
+        assert (op, "fused") in timed and (op, "reference") in timed
+    assert all(r["median_s"] > 0 for r in report["results"] if "median_s" in r)
+    assert report["kmeans"]["results"]["fused"]["median_s"] > 0
+    assert {t["target"] for t in report["targets"]} >= {"assign: fused / one bare product"}
