@@ -71,7 +71,7 @@ def test_torch_compile_traces_the_ops():
 def run_all(args: dict[str, tuple]) -> dict[str, list[torch.Tensor]]:
     out = {}
     for name, a in args.items():
-        result = getattr(torch.ops.smog, name)(*a)
+        result = getattr(torch.ops.smog, name.split()[0])(*a)
         out[name] = list(result) if isinstance(result, tuple) else [result]
     return out
 
@@ -80,6 +80,11 @@ def test_results_do_not_depend_on_thread_count():
     """Bitwise identical results with 1, 2 and 3 threads (every block has one owner, and the
     row shares of the centroid gradient are fixed, not per thread)."""
     args = op_args(n=1001, k=3001, d=64)
+    # sizes at which the memory-bound statistics and update passes run in parallel too
+    x, c = unit(70000, 64, 12), unit(65536, 64, 13)
+    index = torch.randint(0, 65536, (70000,), generator=torch.Generator().manual_seed(14))
+    args["group_stats (large)"] = (x, index, 65536)
+    args["momentum_update (large)"] = (c, *ref.group_stats(x, index, 65536), 0.9)
     before = torch.get_num_threads()
     try:
         results = []

@@ -25,9 +25,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kLossRows = 4 * kMR;    // rows per task of the loss forward pass
 constexpr int64_t kAssignRows = 4 * kMR;  // rows per task of the assignment
 constexpr int64_t kColBlock = 7 * kNR;    // centroids per streamed tile (224, a multiple of kMR too)
-// Below this many multiply-adds (or element updates) an op runs on one thread: waking the
-// OpenMP team would cost more than the work.
+// Below this many multiply-adds an op runs on one thread: waking the OpenMP team would cost more
+// than the work. Memory-bound passes (packing, sums, updates) gain less from threads: they go
+// parallel only above kParallelCopy elements.
 constexpr int64_t kParallelWork = int64_t{1} << 18;
+constexpr int64_t kParallelCopy = int64_t{1} << 22;
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t ceil_div(int64_t v, int64_t m) { return (v + m - 1) / m; }
@@ -49,7 +51,7 @@ at::Tensor pack_rows(const at::Tensor& f, int64_t b, int64_t rows) {
   at::Tensor out = at::empty({blocks, dp, b}, f.options());
   const float* src = f.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-#pragma omp parallel for num_threads(at::get_num_threads()) if (rows * dp >= kParallelWork)
+#pragma omp parallel for num_threads(at::get_num_threads()) if (rows * dp >= kParallelCopy)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     float* o = dst + blk * dp * b;
     for (int64_t r = 0; r < b; ++r) {
@@ -140,7 +142,7 @@ template <typename scalar_t>
 void sum_groups(const scalar_t* x, int64_t d, int64_t k, const int64_t* start, const int64_t* order,
                 float* sums) {
   const int64_t n = start[k];
-#pragma omp parallel for schedule(guided) num_threads(at::get_num_threads()) if ((n + k) * d >= kParallelWork)
+#pragma omp parallel for schedule(guided) num_threads(at::get_num_threads()) if ((n + k) * d >= kParallelCopy)
   for (int64_t g = 0; g < k; ++g) {
     float* row = sums + g * d;
     for (int64_t pos = start[g]; pos < start[g + 1]; ++pos) {
@@ -185,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> group_stats_cpu(const at::Tensor& x, const at
 template <typename scalar_t>
 void update_rows(const scalar_t* c, const float* sums, const int64_t* counts, int64_t k, int64_t d,
                  float beta, float one_minus_beta, scalar_t* out) {
-#pragma omp parallel num_threads(at::get_num_threads()) if (k * d >= kParallelWork)
+#pragma omp parallel num_threads(at::get_num_threads()) if (k * d >= kParallelCopy)
   {
     std::vector<float> v(d);
 #pragma omp for schedule(static)
