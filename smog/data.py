@@ -36,7 +36,10 @@ class DatasetNotFound(FileNotFoundError):
 
 
 class ImageSet(Dataset):
-    """uint8 images (a tensor [N, C, H, W], or a loader of index -> [C, H, W]) with int labels [N]."""
+    """uint8 images (a tensor [N, C, H, W], or a loader of index -> [C, H, W]) with int labels [N].
+
+    size: the images' side in pixels, 0 when it varies (image folders).
+    """
 
     def __init__(self, images: torch.Tensor | Callable[[int], torch.Tensor], labels: torch.Tensor, size: int):
         self.images, self.labels, self.size = images, labels, size
@@ -118,7 +121,6 @@ def _digits(train: bool) -> ImageSet:
 
 def _folder(root: str, train: bool) -> ImageSet:
     from torchvision.datasets import ImageFolder
-    from torchvision.io import ImageReadMode, decode_image
 
     split = os.path.join(root, "train" if train else "val")
     if not root or not os.path.isdir(split):
@@ -127,9 +129,19 @@ def _folder(root: str, train: bool) -> ImageSet:
             f"set data.root to a folder with train/ and val/ subfolders, one subfolder per class "
             f"(the ImageNet layout).")
     folder = ImageFolder(split)
-    paths = [p for p, _ in folder.samples]
-    return ImageSet(lambda i: decode_image(paths[i], mode=ImageReadMode.RGB),
-                    torch.tensor(folder.targets, dtype=torch.int64), 224)
+    return ImageSet(_FileImages([p for p, _ in folder.samples]), torch.tensor(folder.targets, dtype=torch.int64), 0)
+
+
+class _FileImages:
+    """index -> uint8 RGB image [3, H, W] decoded from its file (picklable, for worker processes)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __call__(self, index: int) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image
+
+        return decode_image(self.paths[index], mode=ImageReadMode.RGB)
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSet:
@@ -155,6 +167,7 @@ class MultiCropSet(Dataset):
 
     def __init__(self, images: ImageSet, transform: MultiCrop, seed: int):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
+        self.large_q_only = False  # set for the memory-bank fill pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -165,7 +178,7 @@ class MultiCropSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + (self.epoch + 1) * 2_147_483 + index) % (2 ** 63))
-            crops = self.transform(self.images.image(index))
+            crops = self.transform(self.images.image(index), self.large_q_only)
         return {**crops, "index": index}
 
 

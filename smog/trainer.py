@@ -152,10 +152,12 @@ class Trainer:
     def fill_bank(self) -> None:
         """The no-grad pass before the first epoch: online z of the large q crops of every sample of this process."""
         loader = self._batches(-1, 0, shuffle=False)
+        self.dataset.large_q_only = True
         for batch in tqdm(loader, desc="memory bank", disable=not (self.cfg.train.progress and self.dist.main)):
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 z, _ = self.online(self._to_device(batch["q"][:2]))
             self.bank.write(batch["index"], z)
+        self.dataset.large_q_only = False
         self.bank_ready = True
 
     @torch.no_grad()
@@ -222,14 +224,17 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as out:
                 yaml.safe_dump(to_dict(cfg), out, sort_keys=False)
         if not self.bank_ready:
+            started = time.perf_counter()
             self.fill_bank()
+            if self.dist.main:
+                self.log.write({"kind": "bank_fill", "step": 0, "seconds": time.perf_counter() - started})
         record: dict = {}
         steps_done = 0
         show = cfg.train.progress and self.dist.main
         while self.epoch < cfg.train.epochs:
+            started = time.perf_counter()  # an epoch's time includes its re-clustering
             if self.step_in_epoch == 0:
                 self.start_epoch(self.epoch)
-            started = time.perf_counter()
             loader = self._batches(self.epoch, self.step_in_epoch)
             bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not show,
                        initial=self.step_in_epoch, total=self.steps_per_epoch)

@@ -44,16 +44,22 @@ class MultiCrop:
         self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, 1.0, 0.0)
         self.small_crops, self.large = cfg.small_crops, large
 
-    def __call__(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        q = [self.q_large(image) for _ in range(self.large)] + [self.q_small(image) for _ in range(self.small_crops)]
+    def __call__(self, image: torch.Tensor, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
+        """large_q_only: just the large q crops (the memory-bank fill pass needs nothing else)."""
+        q = [self.q_large(image) for _ in range(self.large)]
+        if large_q_only:
+            return {"q": q}
+        q += [self.q_small(image) for _ in range(self.small_crops)]
         return {"q": q, "k": [self.k_large(image) for _ in range(self.large)]}
 
 
 def clean_transform(size: int, native: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:
-    """Evaluation view: resize + centre crop to `size` when the images are larger (ImageNet style), else as is."""
+    """Evaluation view at `size` px: images larger than that, or of varying size (native 0), are resized to
+    size * 256/224 and centre-cropped (ImageNet style); smaller ones are resized up; equal ones kept."""
     steps: list = []
-    if native != size:
-        steps += [v2.Resize(int(round(size * 256 / 224)) if native > size else size, antialias=True),
-                  v2.CenterCrop(size)]
+    if native == 0 or native > size:
+        steps += [v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)]
+    elif native < size:
+        steps.append(v2.Resize(size, antialias=True))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)

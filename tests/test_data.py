@@ -41,3 +41,22 @@ def test_fashion_mnist_from_debian_files():
     test = load_split(cfg.data, "test")
     assert len(test) == 10000 and tuple(test.images.shape[1:]) == (1, 28, 28)
     assert test.images.dtype == torch.uint8 and sorted(test.labels.unique().tolist()) == list(range(10))
+
+
+def test_image_folder_split_loads_and_evaluates_at_the_crop_size(tmp_path):
+    from torchvision.io import write_png
+
+    from smog.data import clean_set
+
+    for split in ("train", "val"):
+        for label, side in (("cat", 40), ("dog", 30)):
+            os.makedirs(tmp_path / split / label)
+            write_png(torch.full((3, side, side + 5), 100, dtype=torch.uint8), str(tmp_path / split / label / "a.png"))
+    cfg = load_config("digits", ["data.name=folder", f"data.root={tmp_path}", "data.large_size=16",
+                                 "data.small_size=8"])
+    item = train_set(cfg)[1]
+    assert [tuple(c.shape) for c in item["q"]] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2
+    images, labels = zip(*clean_set(cfg.data, "test"))
+    assert [tuple(x.shape) for x in images] == [(3, 16, 16)] * 2 and list(labels) == [0, 1]
+    with pytest.raises(Exception, match="train/ and val/"):
+        load_split(load_config("digits", ["data.name=folder", f"data.root={tmp_path / 'none'}"]).data, "train")

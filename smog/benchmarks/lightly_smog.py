@@ -1,7 +1,7 @@
 """lightly's SMoG recipe, as in lightly's SMoG example and CIFAR-10 benchmark, on smog's data and backbone.
 
 lightly's parts: SMoGProjectionHead / SMoGPredictionHead, SMoGPrototypes (one head, 300 groups, beta 0.99,
-detached-free logits), a 10000-row FIFO MemoryBankModule of the online z, scikit-learn KMeans on that bank
+the gradient flowing into the updated groups), a 10000-row FIFO MemoryBankModule of the online z, scikit-learn KMeans on that bank
 and a momentum-network reset every 300 steps (EMA 0.99 otherwise), the two views swapped every second
 step, SGD lr 0.01 momentum 0.9 weight decay 1e-6 with a per-epoch cosine schedule. Shared with smog's run:
 backbone, data and augmentations (one q-style and one k-style large crop per image), epochs, batch size,
