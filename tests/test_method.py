@@ -76,9 +76,10 @@ def test_one_step_matches_hand_written_reference(tmp_path, step):
     # the optimiser stepped on the same gradient direction: the weights moved against the reference gradient
     w_before = dict(online_before.named_parameters())
     grads = dict(before.online.named_parameters())
-    for name, p in trainer.model.online.named_parameters():
-        if grads[name].grad is not None and grads[name].grad.abs().sum() > 0 and p.ndim > 1:
-            assert float(((p - w_before[name]) * grads[name].grad).sum()) < 0, name
+    with torch.no_grad():
+        for name, p in trainer.model.online.named_parameters():
+            if grads[name].grad is not None and grads[name].grad.abs().sum() > 0 and p.ndim > 1:
+                assert float(((p - w_before[name]) * grads[name].grad).sum()) < 0, name
     # EMA: theta_k = m * theta_k(old) + (1 - m) * theta_q(new)
     rate = ema_rate(trainer.cfg.method, step, trainer.total_steps)
     old_k = dict(before.momentum.named_parameters())
