@@ -136,9 +136,9 @@ class Trainer:
             torch.distributed.barrier()
 
     # ----------------------------------------------------------------- phases
-    def _batches(self, epoch: int, skip_steps: int, shuffle: bool = True):
+    def _batches(self, epoch: int, skip_steps: int):
+        """The epoch's training batches (shuffled, full batches), minus the first `skip_steps` (a resume)."""
         self.dataset.set_epoch(epoch)
-        self.sampler.shuffle = shuffle
         self.sampler.set_epoch(epoch)
         sampler = ResumableSampler(self.sampler, skip_steps * self.batch_size)
         return make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, drop_last=True,
@@ -151,11 +151,16 @@ class Trainer:
     @torch.no_grad()
     def fill_bank(self) -> None:
         """The no-grad pass before the first epoch: online z of the large q crops of every sample of this process."""
-        loader = self._batches(-1, 0, shuffle=False)
+        # no drop_last anywhere: every sample of this process's shard (padded to equal shards) gets a row
+        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=False)
+        loader = make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, pin=self.device.type == "cuda")
+        self.dataset.set_epoch(-1)
         self.dataset.large_q_only = True
         for batch in tqdm(loader, desc="memory bank", disable=not (self.cfg.train.progress and self.dist.main)):
+            if len(batch["index"]) < 2:  # BatchNorm needs two rows; that one sample joins the bank when trained on
+                continue
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                z, _ = self.online(self._to_device(batch["q"][:2]))
+                z, _ = self.model.online(self._to_device(batch["q"]))
             self.bank.write(batch["index"], z)
         self.dataset.large_q_only = False
         self.bank_ready = True
