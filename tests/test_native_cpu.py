@@ -1,6 +1,6 @@
 """CPU-specific checks of the compiled smog:: operators (the generic parity grid is test_parity.py):
 tracing through the fake kernels (torch.library.opcheck, torch.compile), results independent of
-the thread count, the portable micro-kernels agreeing with the AVX-512 ones, and memory that
+the thread count, the AVX2 and portable micro-kernels agreeing with the reference, and memory that
 stays far below an N x K score matrix at large K."""
 from __future__ import annotations
 
@@ -108,8 +108,20 @@ def _in_subprocess(code: str, env: dict[str, str] | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_portable_kernels_match_the_reference():
-    """The portable micro-kernels (what CPUs without AVX-512 run) pass the same checks."""
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kernels", ["portable", "avx2"])
+def test_other_micro_kernels_match_the_reference(kernels):
+    """The micro-kernels that CPUs without AVX-512 run (AVX2 + FMA on x86-64, portable loops
+    elsewhere), forced through SMOG_CPU_KERNELS, pass the same checks."""
+    if kernels == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2 + FMA")
     code = """
         import json, torch, smog_kernels as sk
         from smog_kernels import reference as ref
@@ -133,7 +145,7 @@ def test_portable_kernels_match_the_reference():
             errors[name] = rel_err(a, b)
         print(json.dumps(errors))
     """
-    errors = _in_subprocess(code, {"SMOG_CPU_KERNELS": "portable"})
+    errors = _in_subprocess(code, {"SMOG_CPU_KERNELS": kernels})
     assert errors.pop("assign gap") <= 1e-6
     for name, err in errors.items():
         assert err <= REL_TOL[torch.float32], name

@@ -2,9 +2,9 @@
 //
 // Operands are float32 buffers prepared by the ops: feature rows padded with zeros to a width
 // dp that is a multiple of 16, then packed in blocks of rows transposed to [dp][rows] so that
-// one d-step reads consecutive floats: "row blocks" of kMR rows and "panels" of kNR rows. Two
-// implementations exist: AVX-512 intrinsics (chosen at run time when the CPU has AVX-512F) and
-// portable loops for every other CPU.
+// one d-step reads consecutive floats: "row blocks" of kMR rows and "panels" of kNR rows. Three
+// implementations exist: AVX-512 intrinsics (chosen at run time when the CPU has AVX-512), AVX2 +
+// FMA intrinsics (x86-64 CPUs without AVX-512) and portable loops for every other CPU.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +37,8 @@ struct MicroKernels {
   const char* name;
 };
 
-// The fastest implementation this CPU runs (decided once; SMOG_CPU_KERNELS=portable forces the
-// portable one).
+// The fastest implementation this CPU runs (decided once; SMOG_CPU_KERNELS=avx2 or =portable
+// forces a slower one).
 const MicroKernels& micro_kernels();
 
 }  // namespace smog::cpu
