@@ -223,9 +223,15 @@ def machine() -> dict:
         flags = next(l.split(":", 1)[1] for l in info.splitlines() if l.startswith("flags"))
     except (OSError, StopIteration):
         pass
+    have = set(flags.split())
+    kernels = ("avx512" if {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= have
+               else "avx2" if {"avx2", "fma"} <= have else "portable")
+    forced = os.environ.get("SMOG_CPU_KERNELS")
+    if forced == "portable" or (forced == "avx2" and kernels == "avx512"):
+        kernels = forced
     return {
         "cpu": model, "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-        "avx512f": "avx512f" in flags.split(), "torch": torch.__version__, "python": platform.python_version(),
+        "micro_kernels": kernels, "torch": torch.__version__, "python": platform.python_version(),
         "memory_available_gb": round((available_bytes() or 0) / 2**30, 1),
     }
 
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = SHAPES[args.shapes]
     info = machine()
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads, "
-          f"avx512f={info['avx512f']}, torch {info['torch']}, {info['memory_available_gb']} GB available; "
+          f"{info['micro_kernels']} micro-kernels, torch {info['torch']}, {info['memory_available_gb']} GB available; "
           f"{args.clock} clock, median of {repeats}")
     free = available_bytes()
     limit = args.max_gb * 2**30 if args.max_gb is not None else (free / 2 if free is not None else None)
