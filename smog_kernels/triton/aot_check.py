@@ -7,13 +7,15 @@ configurations that exceed shared memory, and register spills.
                                              [--kernels assign,loss,cgrad,small] [--strict]
 
 Integer arguments are declared as the JIT specialises them at run time: unit feature strides
-(contiguous rows) become the constant 1, pointers and the other strides divisible by 16. Exit
+(contiguous rows) become the constant 1, pointers, D and the other strides divisible by 16 (the
+sizes in do_not_specialize stay plain integers). Exit
 status 1 if a kernel fails to compile, or (--strict) spills registers.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
+import time
 import os
 import subprocess
 import sys
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn, types, constexprs, warps, stages in jobs(dtype, d, args.cap, kernels):
                 shown = {key: v for key, v in constexprs.items() if key in ("BM", "BN", "BK", "BD")}
                 label = f"sm_{args.cap} {dtype} D={d} {name} {shown} warps={warps} stages={stages}"
+                start = time.perf_counter()
                 try:
                     compiled = compile_for(fn, types, constexprs, warps, stages, args.cap)
                 except Exception as exc:  # noqa: BLE001
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 spills = report.get("spill_bytes", 0)
                 bad = args.strict and spills
                 failed |= bool(bad)
-                print(f"{'SPILLS' if spills else 'ok':7} {label}: shared={compiled.metadata.shared} "
+                print(f"{'SPILLS' if spills else 'ok':7} {label}: compile {time.perf_counter() - start:.1f} s, "
+                      f"shared={compiled.metadata.shared} "
                       + " ".join(f"{key}={v}" for key, v in report.items()), flush=True)
     return 1 if failed else 0
 

@@ -12,6 +12,9 @@ import triton
 import triton.language as tl
 
 # (Kernels use literals: Triton only lets jit code read module globals declared tl.constexpr.)
+# Sizes that vary from call to call (N, K, T, split sizes) are not specialised (do_not_specialize),
+# so that new batch or group counts reuse the compiled kernels; D and the strides are (unit
+# feature strides become constants and allow vector loads).
 
 
 @triton.jit
@@ -41,7 +44,7 @@ def _operand(v, like, UPCAST: tl.constexpr):
 # ---- assignment: running (max, argmax) over centroid tiles ------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "tiles_per_split", "stats_from"])
 def assign_kernel(
     x_ptr, c_ptr, val_ptr, idx_ptr, sums_ptr, counts_ptr,
     N, K, D, tiles_per_split, stats_from,
@@ -97,7 +100,7 @@ def assign_kernel(
         tl.atomic_add(counts_ptr + target, tl.full([BM], 1, tl.int64), mask=take, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLIT", "stats_from"])
 def assign_merge_kernel(
     val_ptr, idx_ptr, score_ptr, index_ptr, x_ptr, sums_ptr, counts_ptr,
     N, D, SPLIT, stats_from, stride_xn, stride_xd, stride_sk,
@@ -132,7 +135,7 @@ def assign_merge_kernel(
 # ---- group statistics ----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def stats_atomic_kernel(
     x_ptr, index_ptr, sums_ptr, counts_ptr, N, D,
     stride_xn, stride_xd, stride_i, stride_sk,
@@ -183,7 +186,7 @@ def stats_segmented_kernel(
 # ---- momentum update + renormalisation ------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def momentum_kernel(
     c_ptr, sums_ptr, counts_ptr, out_ptr, K, D, beta,
     stride_ck, stride_cd, stride_sk, stride_sd, stride_n, stride_ok,
@@ -211,7 +214,7 @@ def momentum_kernel(
 # ---- loss: flash-attention-style forward ----------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "T", "tiles_per_split"])
 def loss_fwd_kernel(
     p_ptr, c_ptr, tgt_ptr, m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, tl_ptr,
     N, K, D, T, tiles_per_split, scale2,
@@ -279,7 +282,7 @@ def loss_fwd_kernel(
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLIT"])
 def loss_merge_kernel(
     m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, N, D, SPLIT,
     BM: tl.constexpr, BD: tl.constexpr,
@@ -310,7 +313,7 @@ def loss_merge_kernel(
 # ---- loss: centroid gradient ----------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
 def centroid_grad_kernel(
     p_ptr, c_ptr, lse_ptr, w_ptr, wmax_ptr, out_ptr,
     N, K, D, rows_per_split, inv_t,

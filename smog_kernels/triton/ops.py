@@ -75,22 +75,25 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
     major = torch.cuda.get_device_capability(device)[0]
     stages = 3 if major >= 9 else 2
     # (Checked by compiling for sm_90 with ptxas -v: no register spills with unit feature strides.)
+    # float32 (IEEE, no tensor cores): small tiles, because the unrolled FMA products of big ones
+    # take ptxas 20-30 s per kernel to compile; float32 speed is not what this backend is for.
     if kind == "assign":
         if wide:
-            return dict(BM=64, BN=32 if big_d else 64, num_warps=8, num_stages=2)
+            return dict(BM=32, BN=32 if big_d else 64, num_warps=8, num_stages=2)
         if big_d:
             return dict(BM=128, BN=64, num_warps=8, num_stages=2)
         return dict(BM=128, BN=128, num_warps=8, num_stages=stages)
     if kind == "loss":
         if wide:
-            return dict(BM=64, BN=16 if big_d else 32, num_warps=8, num_stages=2)
+            return dict(BM=32, BN=16, num_warps=8, num_stages=2) if big_d else \
+                dict(BM=32, BN=32, num_warps=8, num_stages=1)
         if big_d:
             return dict(BM=128, BN=64, num_warps=8, num_stages=2) if major >= 9 else \
                 dict(BM=64, BN=64, num_warps=4, num_stages=2)
         return dict(BM=128, BN=64, num_warps=8, num_stages=stages)
     if kind == "cgrad":  # BN = centroid block (kept), BM = row tile (streamed)
         if wide:
-            return dict(BM=16 if big_d else 32, BN=64, num_warps=8, num_stages=2)
+            return dict(BM=16 if big_d else 32, BN=32, num_warps=8, num_stages=2)
         if big_d:
             return dict(BM=64, BN=64, num_warps=8, num_stages=2)
         return dict(BM=64, BN=128, num_warps=8, num_stages=stages)
