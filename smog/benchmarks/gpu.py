@@ -236,11 +236,13 @@ def lightly_fns(pb: Problem, prototypes_cls, with_step: bool) -> dict:
 def mm_fns(pb: Problem) -> dict:
     """The bare products of the loss: S = p C^T [N, K] and S @ C [N, D]."""
     p = pb.p.detach()
-    scores = (p @ pb.c.T).contiguous()
+    held = {}  # the [N, K] score operand of the second product, made on first use (then reused)
 
     def both():
+        if "scores" not in held:
+            held["scores"] = torch.mm(p, pb.c.T)
         torch.mm(p, pb.c.T)
-        return torch.mm(scores, pb.c)
+        return torch.mm(held["scores"], pb.c)
 
     return {"assign": lambda: torch.mm(pb.z_update, pb.c.T), "loss_fwd": lambda: torch.mm(p, pb.c.T),
             "loss_fwdbwd": both}
