@@ -4,7 +4,7 @@ The forward pass of a backend streams over the centroids once and returns, per r
 log-sum-exp of the logits, the target logits and the attention output a_b = sum_k softmax_bk c_k.
 With upstream weights w[t, b] on the per-target losses and W_b = sum_t w[t, b]:
 
-    dL/dp_b = (W_b a_b - sum_t w[t, b] c_{y_tb}) / tau
+    dL/dp_b = sum_t w[t, b] (a_b - c_{y_tb}) / tau
     dL/dc_k = (sum_b W_b softmax_bk p_b - sum_{t,b: y_tb = k} w[t, b] p_b) / tau
 
 so backward for p is O(N T D) from saved tensors; only the centroid gradient needs a second
@@ -45,9 +45,9 @@ class FusedGroupLoss(torch.autograd.Function):
         row_weight = weight.sum(0)  # [N]
         grad_p = grad_c = None
         if ctx.needs_input_grad[0]:
-            target_rows = centroids.float()[targets_2d]  # [T, N, D]
-            pulled = (weight.unsqueeze(-1) * target_rows).sum(0)
-            grad_p = ((row_weight.unsqueeze(1) * attention - pulled) * ctx.inv_t).to(p.dtype)
+            # sum_t w[t, b] (a_b - c_{y_tb}): exactly zero where the softmax is one-hot on the target
+            pull = attention.unsqueeze(0) - centroids.float()[targets_2d]  # [T, N, D]
+            grad_p = ((weight.unsqueeze(-1) * pull).sum(0) * ctx.inv_t).to(p.dtype)
         if ctx.grad_centroids and ctx.needs_input_grad[1]:
             grad_c = ctx.backend.loss_centroid_grad(p, centroids, lse, row_weight, ctx.inv_t)
             weighted_p = (weight.unsqueeze(-1) * p.float().unsqueeze(0)).reshape(t * n, -1)
