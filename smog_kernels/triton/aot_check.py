@@ -111,7 +111,8 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
         yield ("centroid_grad", k.centroid_grad_kernel,
                {"p_ptr": ptr, "c_ptr": ptr, "lse_ptr": f32, "w_ptr": f32, "wmax_ptr": f32, "out_ptr": f32,
                 "inv_t": "fp32"},
-               dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, NORMALIZE_W=dtype == "fp16"),
+               dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, NORMALIZE_W=dtype == "fp16",
+                    SPLIT_PROB=dtype != "fp32"),
                c["num_warps"], c["num_stages"])
     if "small" in kernels:
         sbd = min(bd, 128)

@@ -319,12 +319,14 @@ def centroid_grad_kernel(
     N, K, D, rows_per_split, inv_t,
     stride_pn, stride_pd, stride_ck, stride_cd,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, NORMALIZE_W: tl.constexpr,
+    UPCAST: tl.constexpr, NORMALIZE_W: tl.constexpr, SPLIT_PROB: tl.constexpr,
 ):
     """Program (centroid block, row split): out[split, k] = inv_t * sum_b w_b softmax_bk p_b over its
     rows, recomputing the softmax from the saved lse. NORMALIZE_W (float16): the weights are divided
     by max|w| before the 16-bit cast, and the result multiplied back, so tiny weights do not
-    underflow."""
+    underflow. SPLIT_PROB (16-bit inputs): the weighted probabilities enter the second product as
+    hi + lo 16-bit parts (two MMAs), so they keep ~16 more bits than one 16-bit rounding; where the
+    softmax is (nearly) one-hot the gradient is a difference of nearly equal terms and needs them."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_k * BN + tl.arange(0, BN)
@@ -353,7 +355,11 @@ def centroid_grad_kernel(
         s = _dot(q, tl.trans(c), PRECISION, UPCAST) * inv_t
         prob = tl.exp2((s - lse[:, None]) * 1.4426950408889634) * w[:, None]
         prob = tl.where(row_ok[:, None], prob, 0.0)
-        acc += _dot(tl.trans(_operand(prob, q, UPCAST)), q, PRECISION, UPCAST)
+        hi = _operand(prob, q, UPCAST)
+        acc += _dot(tl.trans(hi), q, PRECISION, UPCAST)
+        if SPLIT_PROB:  # the rounding error of hi as a second 16-bit operand: ~16 more bits
+            lo = _operand(prob - hi.to(tl.float32), q, UPCAST)
+            acc += _dot(tl.trans(lo), q, PRECISION, UPCAST)
     out = (pid_s.to(tl.int64) * K + c64)[:, None] * D + d[None, :]
     if NORMALIZE_W:
         acc = acc * wdiv

@@ -95,7 +95,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
         if wide:
             return dict(BM=16 if big_d else 32, BN=32, num_warps=8, num_stages=2)
         if big_d:
-            return dict(BM=64, BN=64, num_warps=8, num_stages=2)
+            return dict(BM=32, BN=64, num_warps=8, num_stages=2)
         return dict(BM=64, BN=128, num_warps=8, num_stages=stages)
     raise ValueError(kind)
 
@@ -309,7 +309,7 @@ def loss_centroid_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tens
         n, kk, d, per_tiles * bm, inv_t,
         p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p),
-        NORMALIZE_W=p.dtype == torch.float16,
+        NORMALIZE_W=p.dtype == torch.float16, SPLIT_PROB=p.dtype != torch.float32,
         **_launch_kw(cfg),
     )
     return out[0] if split == 1 else out.sum(0)
