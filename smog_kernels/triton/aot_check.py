@@ -103,7 +103,7 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
         for final, even in ((True, True), (False, False)):
             yield (f"loss_fwd(FINAL={final},EVEN_K={even})", k.loss_fwd_kernel,
                    {"p_ptr": ptr, "c_ptr": ptr, "tgt_ptr": "*i64", "m_ptr": f32, "l_ptr": f32, "acc_ptr": f32,
-                    "lse_ptr": f32, "att_ptr": f32, "tl_ptr": f32, "scale2": "fp32"},
+                    "lse_ptr": f32, "att_ptr": f32, "tl_ptr": f32, "inv_t": "fp32", "scale2": "fp32"},
                    dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, FINAL=final, EVEN_K=even),
                    c["num_warps"], c["num_stages"])
     if "cgrad" in kernels:
@@ -129,7 +129,8 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
                {"c_ptr": ptr, "sums_ptr": f32, "counts_ptr": "*i64", "out_ptr": ptr, "beta": "fp32"},
                dict(BK=max(1, min(16, 8192 // bd)), BD=bd), 4, 3)
         yield ("loss_merge", k.loss_merge_kernel,
-               {"m_ptr": f32, "l_ptr": f32, "acc_ptr": f32, "lse_ptr": f32, "att_ptr": f32},
+               {"m_ptr": f32, "l_ptr": f32, "acc_ptr": f32, "lse_ptr": f32, "att_ptr": f32, "inv_t": "fp32",
+                "scale2": "fp32"},
                dict(BM=32, BD=bd), 4, 3)
 
 

@@ -217,18 +217,20 @@ def momentum_kernel(
 @triton.jit(do_not_specialize=["N", "K", "T", "tiles_per_split"])
 def loss_fwd_kernel(
     p_ptr, c_ptr, tgt_ptr, m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, tl_ptr,
-    N, K, D, T, tiles_per_split, scale2,
+    N, K, D, T, tiles_per_split, inv_t, scale2,
     stride_pn, stride_pd, stride_ck, stride_cd, stride_tt, stride_tn,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Program (row block, split) streams its centroid tiles with a running max, sum of
-    exponentials and rescaled accumulator sum_k e^{l_k} c_k, all in log2 units (logits times
-    scale2 = log2(e) / tau, one multiply per score). FINAL (one split): writes lse [N] (natural
-    units) and attention [N, D]; otherwise the partial (m, l, acc) [split, N(, D)] for the merge
-    kernel. Split 0 also writes the target logits <p, c_y> / tau for the T target sets, through
-    the same tl.dot and the same rounding steps as lse, so that lse - logit is exactly 0 where
-    the softmax is exactly one-hot (K = 1). EVEN_K: K is a multiple of BN (no column masks)."""
+    """Program (row block, split) streams its centroid tiles with a running max of the raw scores
+    <p, c_k>, sum of exponentials and rescaled accumulator sum_k e^{l_k} c_k; the exponentials are
+    taken in log2 units (scores times scale2 = log2(e) / tau, one multiply per score).
+    FINAL (one split): writes lse = max * inv_t + log(sum) [N] and attention [N, D]; otherwise the
+    partial (raw max, sum, acc) [split, N(, D)] for the merge kernel. Split 0 also writes the
+    target logits <p, c_y> * inv_t for the T target sets through the same tl.dot. Where the
+    softmax is exactly one-hot (K = 1) the sum is exactly 1 and lse is exactly the logit, which
+    the centroid gradient relies on (its recomputed probability is then exactly 1).
+    EVEN_K: K is a multiple of BN (no column masks)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -244,10 +246,10 @@ def loss_fwd_kernel(
             y = tl.load(tgt_ptr + t * stride_tt + r64 * stride_tn, mask=row_ok, other=0)
             cy = tl.load(c_ptr + y[:, None] * stride_ck + d[None, :] * stride_cd,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST) * scale2
-            target2 = tl.sum(tl.where(diag, sd, 0.0), 1)
-            tl.store(tl_ptr + t * N + rows, target2 * 0.6931471805599453, mask=row_ok)
-    m_i = tl.full([BM], float("-inf"), tl.float32)
+            sd = _dot(q, tl.trans(cy), PRECISION, UPCAST)
+            tl.store(tl_ptr + t * N + rows, tl.sum(tl.where(diag, sd, 0.0), 1) * inv_t, mask=row_ok)
+    raw_max = tl.full([BM], float("-inf"), tl.float32)  # max_k <p, c_k> so far
+    m_i = tl.full([BM], float("-inf"), tl.float32)  # raw_max * scale2 = max of the scaled scores
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     k_begin = pid_s * tiles_per_split * BN
@@ -257,38 +259,41 @@ def loss_fwd_kernel(
         if EVEN_K:
             c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
                         mask=d_ok[None, :], other=0.0)
-            s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
+            raw = _dot(q, tl.trans(c), PRECISION, UPCAST)
         else:
             col_ok = cols < K
             c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(q, tl.trans(c), PRECISION, UPCAST) * scale2
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            raw = _dot(q, tl.trans(c), PRECISION, UPCAST)
+            raw = tl.where(col_ok[None, :], raw, float("-inf"))
+        raw_max = tl.maximum(raw_max, tl.max(raw, 1))
+        # rounding is monotonic, so raw_max * scale2 is exactly the largest of the scaled scores
+        m_new = raw_max * scale2
         alpha = tl.exp2(m_i - m_new)
-        e = tl.exp2(s - m_new[:, None])  # exactly 1 at the maximum: no fused multiply-add here
+        e = tl.exp2(raw * scale2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(e, 1)
         acc = acc * alpha[:, None] + _dot(_operand(e, c, UPCAST), c, PRECISION, UPCAST)
         m_i = m_new
     if FINAL:
         l_i = tl.where(row_ok, l_i, 1.0)  # padding rows: keep log/divide quiet
-        tl.store(lse_ptr + rows, m_i * 0.6931471805599453 + tl.log(l_i), mask=row_ok)
+        tl.store(lse_ptr + rows, raw_max * inv_t + tl.log(l_i), mask=row_ok)
         tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / l_i[:, None],
                  mask=row_ok[:, None] & d_ok[None, :])
     else:
         part = pid_s.to(tl.int64) * N + r64
-        tl.store(m_ptr + part, m_i, mask=row_ok)
+        tl.store(m_ptr + part, raw_max, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
         tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["N", "SPLIT"])
 def loss_merge_kernel(
-    m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, N, D, SPLIT,
+    m_ptr, l_ptr, acc_ptr, lse_ptr, att_ptr, N, D, SPLIT, inv_t, scale2,
     BM: tl.constexpr, BD: tl.constexpr,
 ):
-    """Combines the splits' (m, l, acc) (log2 units): M = max m_s, L = sum l_s 2^(m_s - M),
-    attention = sum acc_s 2^(m_s - M) / L, lse = M ln 2 + log L."""
+    """Combines the splits' (raw max m_s, l_s, acc_s): M = max m_s, w_s = 2^((m_s - M) scale2)
+    (the scaled maxima exactly as each split computed them), L = sum w_s l_s,
+    attention = sum w_s acc_s / L, lse = M inv_t + log L."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_ok = rows < N
@@ -302,11 +307,11 @@ def loss_merge_kernel(
     acc = tl.zeros([BM, BD], tl.float32)
     for s in range(0, SPLIT):
         part = s * N + r64
-        w = tl.exp2(tl.load(m_ptr + part, mask=row_ok, other=0.0) - big)
+        w = tl.exp2(tl.load(m_ptr + part, mask=row_ok, other=0.0) * scale2 - big * scale2)
         total += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=mask, other=0.0)
     total = tl.where(row_ok, total, 1.0)
-    tl.store(lse_ptr + rows, big * 0.6931471805599453 + tl.log(total), mask=row_ok)
+    tl.store(lse_ptr + rows, big * inv_t + tl.log(total), mask=row_ok)
     tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / total[:, None], mask=mask)
 
 

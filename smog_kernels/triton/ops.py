@@ -269,7 +269,7 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     inv_t = float(inv_temperature)
     k.loss_fwd_kernel[(row_blocks, split)](
         p, centroids, targets, m_part, l_part, acc_part, lse, att, tlog,
-        n, kk, d, t, per, inv_t * _LOG2E,
+        n, kk, d, t, per, inv_t, inv_t * _LOG2E,
         p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
         targets.stride(0), targets.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p), FINAL=split == 1,
@@ -279,7 +279,7 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     if split > 1:
         mbm = 32 if dev.type == "cuda" else 16
         k.loss_merge_kernel[(triton.cdiv(n, mbm),)](
-            m_part, l_part, acc_part, lse, att, n, d, split,
+            m_part, l_part, acc_part, lse, att, n, d, split, inv_t, inv_t * _LOG2E,
             BM=mbm, BD=bd, num_warps=4 if dev.type == "cuda" else 1,
         )
     if kk == 1:
