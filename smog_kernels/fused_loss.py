@@ -29,7 +29,6 @@ class FusedGroupLoss(torch.autograd.Function):
         ctx.save_for_backward(p, centroids, targets_2d, lse, attention)
         ctx.inv_t, ctx.reduction, ctx.backend = inv_t, reduction, backend
         ctx.grad_centroids, ctx.target_shape = grad_centroids, targets.shape
-        ctx.mark_non_differentiable(targets)
         return reduce_per_target(per_target, reduction, targets.shape)
 
     @staticmethod

@@ -123,11 +123,12 @@ def _loss_and_grads(fn, p, c, targets, temperature, reduction, grad_centroids):
 
 
 def grad_err(got: torch.Tensor, want: torch.Tensor, bound: float) -> float:
-    """Relative error, with the denominator floored at 1e-3 of the largest norm the gradient can
+    """Relative error, with the denominator floored at 1e-2 of the largest norm the gradient can
     have: where the softmax is one-hot (K = 1) the exact gradient is 0 and the fused one is a
-    difference of equal float32 sums, about 1e-7 of the terms."""
+    difference of equal float32 sums taken in another order (atomics on a GPU), about 1e-7 of the
+    terms; the floor keeps that within float32 rounding (1e-6 of the bound at 1e-4)."""
     return float((got.detach().double().cpu() - want.detach().double().cpu()).norm()
-                 / max(float(want.detach().double().norm()), 1e-3 * bound))
+                 / max(float(want.detach().double().norm()), 1e-2 * bound))
 
 
 @pytest.mark.parametrize("backend,device,size", fused_backends())
