@@ -19,6 +19,7 @@ uses it when present.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -38,6 +39,7 @@ _MODULES = {
 }
 
 
+@functools.cache
 def _load(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(_MODULES[name])
@@ -45,7 +47,9 @@ def _load(name: str) -> ModuleType | None:
         return None
 
 
+@functools.cache
 def _usable(name: str) -> bool:
+    """Whether this install can run the backend (fixed for the process's life, hence cached)."""
     module = _load(name)
     if module is None:
         return False
@@ -64,8 +68,11 @@ def available_backends() -> list[str]:
     return [name for name in NAMES if _usable(name)]
 
 
+@functools.cache
 def resolve(backend: str, device: torch.device) -> tuple[str, ModuleType]:
-    """The backend's name and module for tensors on `device`; "auto" picks the fastest present."""
+    """The backend's name and module for tensors on `device`; "auto" picks the fastest present.
+
+    Cached: it runs on every op call, and what is installed does not change while a process runs."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ()):
             if _usable(name) and _load(name).supports(device):
