@@ -107,6 +107,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epoch ends only)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     progress: bool = True
+    dist_timeout_s: float = 600.0  # how long a process waits for a peer in a collective before failing
 
 
 @dataclass

@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.device = pick_device(cfg.train.device)
-        self.dist: DistInfo = init_from_env(self.device.type)
+        self.dist: DistInfo = init_from_env(self.device.type, timeout_s=cfg.train.dist_timeout_s)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -77,7 +77,11 @@ class Trainer:
 
         self.model = build_model(cfg).to(self.device)
         if cfg.model.sync_bn and self.dist.world > 1:
-            self.model.online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model.online)
+            if self.device.type != "cuda":
+                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm does not run on "
+                                  "CPU (gloo) processes; set model.sync_bn=false")
+            convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+            self.model.online, self.model.momentum = convert(self.model.online), convert(self.model.momentum)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.online = self.model.online
@@ -114,10 +118,31 @@ class Trainer:
         self.bank_ready, self.meter = state["bank_ready"], state["meter"]
         checkpoint.set_rng_state(state["rng"])
 
+    def _rank_state_path(self) -> str:
+        return os.path.join(self.run_dir, f"rank{self.dist.rank}.pt")
+
     def save(self) -> None:
+        """Rank 0 writes checkpoint.pt; with several processes every rank also writes its own memory
+        bank and RNG state (rank{r}.pt), first, so that a rank file never lags the checkpoint."""
+        if self.dist.world > 1:
+            own = {"step": self.step, "world": self.dist.world, "bank": self.bank.state_dict(),
+                   "rng": checkpoint.rng_state()}
+            checkpoint.save_atomic(own, self._rank_state_path())
+            self._barrier()
         if self.dist.main:
             checkpoint.save_atomic(self.state_dict(), self.ckpt_path)
         self._barrier()
+
+    def _load_rank_state(self) -> None:
+        """This rank's own bank and RNG state; a missing or mismatched file (another world size, a
+        crash between the writes) leaves the bank to be refilled by the next fit()."""
+        path = self._rank_state_path()
+        own = checkpoint.load(path, self.device) if os.path.isfile(path) else None
+        if own is None or own["step"] != self.step or own["world"] != self.dist.world:
+            self.bank_ready = False
+            return
+        self.bank.load_state_dict(own["bank"])
+        checkpoint.set_rng_state(own["rng"])
 
     def resume(self, where: str) -> bool:
         """where: "" (fresh), "auto" (this run's checkpoint if there is one) or a path. True if resumed."""
@@ -127,6 +152,8 @@ class Trainer:
         if where == "auto" and not os.path.isfile(path):
             return False
         self.load_state_dict(checkpoint.load(path, self.device))
+        if self.dist.world > 1:
+            self._load_rank_state()
         if self.dist.main:
             self.log.truncate_after(self.step)
         return True

@@ -9,8 +9,8 @@ rank 1 die with os._exit in the middle of a step.
 
 1. 2 ranks vs 1 rank with the same global batch (`test_two_ranks_match_one_rank_...`).
    BatchNorm: the config's SyncBatchNorm option cannot be used here: torch's SyncBatchNorm runs only
-   on GPUs, and `model.sync_bn=true` on CPU ranks crashes (`test_sync_batchnorm_option_...` checks that
-   it either works or is refused cleanly). Plain BatchNorm in training mode normalises each rank's
+   on GPUs, and `model.sync_bn=true` on CPU ranks is refused with a clear error
+   (`test_sync_batchnorm_option_...` checks that it either works or is refused cleanly). Plain BatchNorm in training mode normalises each rank's
    16 rows with their own statistics, so every z (hence every assignment and group) of a 2-rank run
    differs from one process's by design. Both runs therefore put the BatchNorm layers on their running
    statistics (eval mode, set by the driver; the affine weights still train): BN is then a fixed
@@ -29,14 +29,14 @@ rank 1 die with os._exit in the middle of a step.
 2. A rank killed mid-step (`test_killed_rank_stops_its_peer_...`): rank 1 calls os._exit in the middle
    of a step (after its forward pass and the all-reduce of the group statistics, before the backward's
    gradient all-reduce); rank 0 must exit non-zero with a distributed error within the process group's timeout.
-   The trainer takes that timeout from smog.dist.init_from_env(timeout_s=...), 600 s by default and not a
-   config key; the driver makes the trainer call it with 10 s (gloo in fact reports the closed connection
-   at once). The last checkpoint (rank 0 wrote it before the failure) must load with
+   The trainer takes that timeout from train.dist_timeout_s (600 s by default); the test sets 10 s
+   (gloo in fact reports the closed connection at once). The last checkpoint (rank 0 wrote it before the failure) must load with
    smog.checkpoint.load and hold the step it was written at, and `smog train --resume auto` on 2 ranks
    must continue it to the end, equal to an uninterrupted run bit for bit (both ranks) up to the end of
    the interrupted epoch; the memory banks, which only matter from the next epoch on, are test 3's.
 3. `--resume auto` after a completed epoch (`test_resume_auto_after_a_completed_epoch_is_exact`): the
    uninterrupted run's end-of-epoch-1 checkpoint (written by rank 0) is put in a fresh run directory and
+   together with each rank's own file (memory bank, RNG state: rank{r}.pt), and
    `smog train --resume auto` under torchrun continues it. Every rank must load it (step, epoch, groups,
    its own memory bank), and the continued run must end where the uninterrupted one ended, bit for bit,
    on every rank (the trainer promises exact-resume checkpoints, as tests/test_train.py checks on one
@@ -89,13 +89,8 @@ rank = int(os.environ.get("RANK", "0"))
 out_dir = spec["out"]
 os.makedirs(out_dir, exist_ok=True)
 
-import smog.dist
 import smog.trainer
 from smog.trainer import Trainer
-
-if spec.get("pg_timeout_s"):  # the trainer's own init path, with a short process-group timeout
-    _init = smog.dist.init_from_env
-    smog.trainer.init_from_env = lambda device_type: _init(device_type, timeout_s=spec["pg_timeout_s"])
 
 
 def state(trainer):
@@ -111,6 +106,8 @@ if spec.get("snapshots"):  # every rank's state at every checkpoint; rank 0 keep
     def save(self):
         _save(self)
         torch.save(state(self), os.path.join(out_dir, f"rank{rank}-step{self.step}.pt"))
+        if self.dist.world > 1:  # the rank's own file (memory bank, RNG) that a resume reads back
+            shutil.copyfile(self._rank_state_path(), os.path.join(out_dir, f"rank{rank}-file-step{self.step}.pt"))
         if self.dist.main:
             shutil.copyfile(self.ckpt_path, os.path.join(out_dir, f"checkpoint-step{self.step}.pt"))
     Trainer.save = save
@@ -377,8 +374,9 @@ def test_sync_batchnorm_option_on_cpu_ranks_trains_or_is_refused_cleanly(driver,
 
 def test_killed_rank_stops_its_peer_and_the_last_checkpoint_resumes(driver, reference, tmp_path):
     run_dir = tmp_path / "run"
-    spec = {"mode": "cli", "out": str(tmp_path / "killed"), "argv": train_args(run_dir),
-            "pg_timeout_s": PG_TIMEOUT_S, "kill_rank": 1, "kill_step": KILL_STEP, "kill_code": 17}
+    spec = {"mode": "cli", "out": str(tmp_path / "killed"),
+            "argv": train_args(run_dir, f"train.dist_timeout_s={PG_TIMEOUT_S}"),
+            "kill_rank": 1, "kill_step": KILL_STEP, "kill_code": 17}
     results = start_ranks(driver, spec, WORLD, tmp_path / "logs").wait(timeout_s=LAUNCH_TIMEOUT_S)
     (code0, ended0, text0), (code1, _, text1) = results
     assert (tmp_path / "killed" / "killed").is_file(), f"rank 1 never reached step {KILL_STEP + 1}:\n{text1[-3000:]}"
@@ -429,6 +427,8 @@ def test_resume_auto_after_a_completed_epoch_is_exact(driver, reference, tmp_pat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copyfile(ref / f"checkpoint-step{STEPS_PER_EPOCH}.pt", run_dir / "checkpoint.pt")
+    for r in range(WORLD):  # each rank's own memory bank and RNG state, written beside the checkpoint
+        shutil.copyfile(ref / f"rank{r}-file-step{STEPS_PER_EPOCH}.pt", run_dir / f"rank{r}.pt")
     saved = checkpoint.load(str(run_dir / "checkpoint.pt"))
     assert saved["epoch"] == 1 and saved["step_in_epoch"] == 0, "not an end-of-epoch checkpoint"
 
@@ -445,8 +445,8 @@ def test_resume_auto_after_a_completed_epoch_is_exact(driver, reference, tmp_pat
         assert torch.equal(loaded["filled"], own["filled"]) and torch.equal(loaded["bank"], own["bank"]), (
             f"rank {r}: after the resume its memory bank is not the one it held when the checkpoint was written "
             f"({int(loaded['filled'].sum())} rows, {int((loaded['filled'] & own['filled']).sum())} of its own "
-            f"{int(own['filled'].sum())}): the checkpoint keeps only rank 0's bank, so the epoch-2 re-clustering "
-            f"of a resumed run differs from the uninterrupted run's")
+            f"{int(own['filled'].sum())}), so the epoch-2 re-clustering of a resumed run would differ from the "
+            f"uninterrupted run's")
 
     last = EPOCHS * STEPS_PER_EPOCH
     for r in range(WORLD):
