@@ -111,3 +111,17 @@ def test_reset_momentum_copies_online_weights(tmp_path):
     online = dict(trainer.model.online.backbone.state_dict())
     for name, value in trainer.model.momentum.backbone.state_dict().items():
         torch.testing.assert_close(value, online[name])
+
+
+@pytest.mark.parametrize("backbone, channels, size, extra", [
+    ("small_cnn", 1, 28, []), ("resnet18", 3, 32, ["model.small_stem=true"]), ("resnet18", 1, 64, []),
+    ("swin_t", 1, 64, []), ("vit_b_16", 3, 32, []),
+])
+def test_backbones_give_flat_features(backbone, channels, size, extra):
+    from smog.backbones import build_backbone
+
+    cfg = load_config("digits", [f"model.backbone={backbone}", *extra])
+    net = build_backbone(cfg.model, channels, size).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, channels, size, size))
+    assert out.shape == (2, net.out_features)
