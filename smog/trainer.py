@@ -239,8 +239,11 @@ class Trainer:
                   "nonempty": [n for n, _ in heads], "entropy": [e for _, e in heads]}
         every = self.cfg.eval.knn_every
         last = self.epoch + 1 == self.cfg.train.epochs
-        if self.dist.main and (last or (every and (self.epoch + 1) % every == 0)):
-            record["knn"] = knn_scores(self.model.online.backbone, self.cfg, self.device)
+        if last or (every and (self.epoch + 1) % every == 0):  # every rank extracts its share of the images
+            shard = (self.dist.rank, self.dist.world) if self.dist.world > 1 else None
+            knn = knn_scores(self.model.online.backbone, self.cfg, self.device, shard)
+            if self.dist.main:
+                record["knn"] = knn
         self.meter = self._empty_meter()
         return record
 
