@@ -29,6 +29,23 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_scores(q, c_ptr, cols, d, d_ok, K, stride_ck, stride_cd,
+                 EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """(scores [BM, BN] = q @ c.T with columns past K at -inf, the centroid tile c [BN, BD]) for the
+    centroid rows `cols`: the inner step shared by the assignment and the loss."""
+    if EVEN_K:
+        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                    mask=d_ok[None, :], other=0.0)
+        s = _dot(q, tl.trans(c), PRECISION, UPCAST)
+    else:
+        col_ok = cols < K
+        c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.where(col_ok[None, :], _dot(q, tl.trans(c), PRECISION, UPCAST), float("-inf"))
+    return s, c
+
+
+@triton.jit
 def _operand(v, like, UPCAST: tl.constexpr):
     """float32 probabilities rounded to the dtype of `like` for the second product. Under UPCAST the
     rounding to bfloat16 (round to nearest even, as on the GPU; the interpreter's own cast truncates)
@@ -71,16 +88,7 @@ def assign_kernel(
     k_stop = tl.minimum(k_begin + tiles_per_split * BN, K)
     for k0 in range(k_begin, k_stop, BN):
         cols = k0 + tl.arange(0, BN)
-        if EVEN_K:
-            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                        mask=d_ok[None, :], other=0.0)
-            s = _dot(x, tl.trans(c), PRECISION, UPCAST)
-        else:
-            col_ok = cols < K
-            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = _dot(x, tl.trans(c), PRECISION, UPCAST)
-            s = tl.where(col_ok[None, :], s, float("-inf"))
+        s, c = _tile_scores(x, c_ptr, cols, d, d_ok, K, stride_ck, stride_cd, EVEN_K, PRECISION, UPCAST)
         m = tl.max(s, 1)
         am = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), 1)
         better = m > best
@@ -256,16 +264,7 @@ def loss_fwd_kernel(
     k_stop = tl.minimum(k_begin + tiles_per_split * BN, K)
     for k0 in range(k_begin, k_stop, BN):
         cols = k0 + tl.arange(0, BN)
-        if EVEN_K:
-            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                        mask=d_ok[None, :], other=0.0)
-            raw = _dot(q, tl.trans(c), PRECISION, UPCAST)
-        else:
-            col_ok = cols < K
-            c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            raw = _dot(q, tl.trans(c), PRECISION, UPCAST)
-            raw = tl.where(col_ok[None, :], raw, float("-inf"))
+        raw, c = _tile_scores(q, c_ptr, cols, d, d_ok, K, stride_ck, stride_cd, EVEN_K, PRECISION, UPCAST)
         raw_max = tl.maximum(raw_max, tl.max(raw, 1))
         # rounding is monotonic, so raw_max * scale2 is exactly the largest of the scaled scores
         m_new = raw_max * scale2
