@@ -100,11 +100,18 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
     raise ValueError(kind)
 
 
-def _splits(work_blocks: int, tiles: int, device: torch.device) -> int:
-    """How many ways to split the streamed dimension (K for assign/loss, N for the centroid
-    gradient). Picks the split count whose program count best fills whole waves of the GPU's SMs
-    (one resident program per SM for the big tiles): the fewest splits within 90% of the best fill;
-    each split keeps at least 4 tiles on the GPU (fewer is all merge overhead)."""
+def _splits(work_blocks: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split) for the streamed dimension (K for assign/loss, N for the centroid
+    gradient), every split but the last holding the same number of tiles and none empty."""
+    split = _split_count(work_blocks, tiles, device)
+    per = triton.cdiv(tiles, split)
+    return triton.cdiv(tiles, per), per
+
+
+def _split_count(work_blocks: int, tiles: int, device: torch.device) -> int:
+    """How many ways to split: the split count whose program count best fills whole waves of the
+    GPU's SMs (one resident program per SM for the big tiles): the fewest splits within 90% of the
+    best fill; each split keeps at least 4 tiles on the GPU (fewer is all merge overhead)."""
     if SPLIT_OVERRIDE is not None:
         return max(1, min(int(SPLIT_OVERRIDE), tiles))
     sms = sm_count(device)
@@ -149,9 +156,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, stats_from: int | None = No
         bm, bn, bd = cfg["BM"], cfg["BN"], block_d(d)
         row_blocks = triton.cdiv(n, bm)
         tiles = triton.cdiv(kk, bn)
-        split = _splits(row_blocks, tiles, dev)
-        per = triton.cdiv(tiles, split)
-        split = triton.cdiv(tiles, per)
+        split, per = _splits(row_blocks, tiles, dev)
         if split == 1:
             vals, idxs = score, index
         else:
@@ -257,9 +262,7 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     bm, bn, bd = cfg["BM"], cfg["BN"], block_d(d)
     row_blocks = triton.cdiv(n, bm)
     tiles = triton.cdiv(kk, bn)
-    split = _splits(row_blocks, tiles, dev)
-    per = triton.cdiv(tiles, split)
-    split = triton.cdiv(tiles, per)
+    split, per = _splits(row_blocks, tiles, dev)
     if split == 1:
         m_part = l_part = acc_part = lse
     else:
@@ -301,9 +304,7 @@ def loss_centroid_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tens
     bm, bn, bd = cfg["BM"], cfg["BN"], block_d(d)
     col_blocks = triton.cdiv(kk, bn)
     row_tiles = triton.cdiv(n, bm)
-    split = _splits(col_blocks, row_tiles, dev)
-    per_tiles = triton.cdiv(row_tiles, split)
-    split = triton.cdiv(row_tiles, per_tiles)
+    split, per_tiles = _splits(col_blocks, row_tiles, dev)
     out = torch.empty(split, kk, d, dtype=torch.float32, device=dev)
     lse = lse.contiguous()
     row_weight = row_weight.float().contiguous()
