@@ -16,19 +16,26 @@ A fused backend is a module exposing the internal op set below, called with vali
 Optional: assign_and_stats(x, centroids, stats_from) -> (index, score, sums, counts), the
 assignment of every row plus the statistics of rows x[stats_from:] in one pass; grouping_step
 uses it when present.
+
+"auto" on a GPU goes by measured figures where the op has them (`resolve_for`, table in
+smog_kernels.backend_timings); otherwise, and on the CPU, by the fixed order AUTO_ORDER.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from types import ModuleType
 
 import torch
 
+from smog_kernels import backend_timings
+
 NAMES = ("reference", "cpu", "triton", "cuda")
 
-# Which fused backend "auto" tries first on each device type; the first that is available wins.
+# Which fused backend "auto" tries first on each device type; the first that is available wins. On a GPU
+# these are also the candidates among which resolve_for takes the one measured fastest.
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
 
 _MODULES = {
@@ -90,3 +97,27 @@ def resolve(backend: str, device: torch.device) -> tuple[str, ModuleType]:
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend {backend!r} cannot run on tensors on {device}")
     return backend, module
+
+
+def resolve_for(op: str, backend: str, rows: torch.Tensor, num_groups: int) -> tuple[str, ModuleType]:
+    """resolve(backend, rows.device), except that "auto" on a GPU takes the fused backend measured
+    fastest for `op` (a key of the timing table: "assign", "loss_fwd", "loss_fwdbwd", "step") at the
+    recorded shape nearest to rows [..., N, D] against num_groups groups; AUTO_ORDER where the table
+    has no figure for this op and dtype or no usable backend was measured."""
+    if backend != "auto" or rows.device.type != "cuda":  # the figures are a GPU's
+        return resolve(backend, rows.device)
+    n, d = rows.shape[-2:]
+    return _measured_choice(op, rows.device, rows.dtype, _log2(n), _log2(num_groups), _log2(d))
+
+
+def _log2(size: int) -> int:
+    return round(math.log2(max(size, 1)))
+
+
+@functools.cache
+def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, log_n: int, log_k: int, log_d: int):
+    """Cached per op, device, dtype and sizes rounded to powers of two: it runs on every op call."""
+    usable = [name for name in AUTO_ORDER[device.type] if _usable(name) and _load(name).supports(device)]
+    shape = (2**log_n, 2**log_k, 2**log_d)
+    name = backend_timings.fastest(op, str(dtype).removeprefix("torch."), shape, usable)
+    return (name, _load(name)) if name else resolve("auto", device)

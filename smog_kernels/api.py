@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 
 from smog_kernels import _validate as check
-from smog_kernels._backends import resolve
+from smog_kernels._backends import resolve, resolve_for
 from smog_kernels.fused_loss import FusedGroupLoss
 from smog_kernels.kmeans import lloyd
 
@@ -25,7 +25,7 @@ def assign(
     Exact ties go to the smallest k.
     """
     check.check_assign(x, centroids)
-    _, ops = resolve(backend, x.device)
+    _, ops = resolve_for("assign", backend, x, centroids.shape[0])
     return ops.assign(x, centroids)
 
 
@@ -69,7 +69,9 @@ def group_contrastive_loss(
     or "none" (float32, targets' shape). Gradients flow to p, and to centroids if grad_centroids.
     """
     check.check_loss(p, centroids, targets, temperature, reduction)
-    return run_loss(resolve(backend, p.device), p, centroids, targets, temperature, reduction, grad_centroids)
+    wants_grad = torch.is_grad_enabled() and (p.requires_grad or (grad_centroids and centroids.requires_grad))
+    resolved = resolve_for("loss_fwdbwd" if wants_grad else "loss_fwd", backend, p, centroids.shape[0])
+    return run_loss(resolved, p, centroids, targets, temperature, reduction, grad_centroids)
 
 
 def run_loss(
@@ -81,7 +83,8 @@ def run_loss(
     reduction: str,
     grad_centroids: bool,
 ) -> torch.Tensor:
-    """group_contrastive_loss on validated arguments with an already resolved backend."""
+    """group_contrastive_loss on validated arguments with an already resolved backend (its forward
+    and backward then run on the same backend: the backward reuses the forward's outputs)."""
     name, ops = resolved
     if name == "reference":
         return ops.group_contrastive_loss(p, centroids, targets, temperature, reduction, grad_centroids)
@@ -105,5 +108,5 @@ def spherical_kmeans(
     their centroid.
     """
     check.check_kmeans(x, num_groups, iters, init)
-    _, ops = resolve(backend, x.device)
+    _, ops = resolve_for("assign", backend, x, num_groups)  # assignment is most of a k-means round
     return lloyd(ops, x, num_groups, iters, seed, init)

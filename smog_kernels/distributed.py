@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from smog_kernels import _validate as check
 from smog_kernels import reference
-from smog_kernels._backends import resolve
+from smog_kernels._backends import resolve, resolve_for
 from smog_kernels.kmeans import lloyd
 
 STRATEGIES = ("auto", "allreduce", "allgather")
@@ -351,7 +351,7 @@ def spherical_kmeans(
     """
     if world_size(group) == 1:
         check.check_kmeans(x_local, num_groups, iters, init)
-        _, ops = resolve(backend, x_local.device)
+        _, ops = resolve_for("assign", backend, x_local, num_groups)  # as smog_kernels.spherical_kmeans
         return lloyd(ops, x_local, num_groups, iters, seed, init)
     check.features("x_local", x_local)
     check.num_groups_at_least_one("num_groups", num_groups)
@@ -359,7 +359,7 @@ def spherical_kmeans(
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    _, ops = resolve(backend, x_local.device)
+    _, ops = resolve(backend, x_local.device)  # not by this rank's row count: the same backend on every rank
     if init is None:
         start = _global_initial_rows(x_local, num_groups, seed, group)
     else:

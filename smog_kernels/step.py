@@ -14,7 +14,7 @@ import torch
 
 from smog_kernels import _validate as check
 from smog_kernels import reference
-from smog_kernels._backends import resolve
+from smog_kernels._backends import resolve_for
 from smog_kernels.api import run_loss
 from smog_kernels.kmeans import StatsReducer
 
@@ -71,7 +71,7 @@ def grouping_step(
     given the rows themselves, so that it can all-gather them where that moves fewer bytes.
     """
     _check_step(centroids, target_rows, update_rows, predictions, beta, temperature)
-    resolved = resolve(backend, centroids.device)
+    resolved = resolve_for("step", backend, target_rows, centroids.shape[0])  # one backend for the whole step
     ops = resolved[1]
     t, n, d = target_rows.shape
     k = centroids.shape[0]
