@@ -5,7 +5,7 @@ on one card, JSON filed as bench/results/gpu_<card>.json). `build_table` reduces
 backend_timings.json next to this file (shipped with the package); bench/gpu_check rewrites it after
 each GPU run, or by hand:
 
-    python -m smog_kernels.backend_timings bench/results/gpu_nvidia_h200.json
+    bench/backend_timings bench/results/gpu_nvidia_h200.json
 
 The table keeps the benchmark's op names: "assign", "loss_fwd" (loss forward only), "loss_fwdbwd"
 (forward + backward to p), "step" (grouping_step called eagerly) and "step_graph" (the step replayed
@@ -15,13 +15,11 @@ _backends only chooses among the fused backends (the reference holds the N x K s
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import os
 import re
-import sys
 
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_timings.json")
 BACKENDS = ("triton", "cuda", "reference")  # the benchmark's methods that are smog backends
@@ -66,27 +64,15 @@ def fastest(op: str, dtype: str, shape: tuple[int, int, int], candidates: list[s
     return next(name for name in nearest["order"] if name in candidates)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Rebuild auto's timing table from a `smog bench gpu` JSON.")
-    parser.add_argument("bench_json", help="gpu_<card>.json written by `smog bench gpu`")
-    parser.add_argument("--out", default=TABLE, help=f"where to write the table (default {TABLE})")
-    args = parser.parse_args(argv)
-    with open(args.bench_json) as f:
+def write_table(bench_json: str, out: str = TABLE) -> dict:
+    """Reduce the benchmark JSON at `bench_json` to the table and write it to `out` (one line per
+    flat list, for readable diffs); returns the table."""
+    with open(bench_json) as f:
         bench = json.load(f)
-    # filed under bench/results/ by whoever brings the run's files back
-    source = "bench/results/" + os.path.basename(args.bench_json)
-    try:
-        table = build_table(bench, source)
-    except ValueError as err:
-        print(f"backend_timings: not written: {err}", file=sys.stderr)
-        return 1
+    # recorded as filed under bench/results/ (where whoever brings a GPU run's files back puts them)
+    table = build_table(bench, "bench/results/" + os.path.basename(bench_json))
     text = json.dumps(table, indent=1)
-    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)  # flat lists on one line
-    with open(args.out, "w") as f:
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    with open(out, "w") as f:
         f.write(text + "\n")
-    print(f"backend_timings: wrote {args.out} ({table['card']}, {sum(map(len, table['ops'].values()))} op/dtype pairs)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return table

@@ -153,7 +153,7 @@ def test_shipped_table_is_the_benchmark_json_reduced():
     with open(os.path.join(ROOT, table["source"])) as f:
         bench = json.load(f)
     assert table == backend_timings.build_table(bench, table["source"]), (
-        f"rebuild it: python -m smog_kernels.backend_timings {table['source']}")
+        f"rebuild it: bench/backend_timings {table['source']}")
     assert table["card"] == bench["environment"]["device"]
     # independently of build_table: each recorded shape's first backend has the lowest benchmark time
     best: dict = {}
