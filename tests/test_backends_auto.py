@@ -28,7 +28,9 @@ TABLE = {
                 {"shape": [4096, 65536, 128], "order": ["triton", "cuda"], "ms": {"triton": 0.3, "cuda": 3.0}},
             ],
         },
-        "step": {"float32": [{"shape": [4096, 3000, 128], "order": ["cuda", "triton"], "ms": {"cuda": 1.0, "triton": 2.0}}]},
+        "step": {
+            "float32": [{"shape": [4096, 3000, 128], "order": ["cuda", "triton"], "ms": {"cuda": 1.0, "triton": 2.0}}],
+        },
     },
 }
 
