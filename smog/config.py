@@ -33,6 +33,7 @@ class DataConfig:
     color: bool = True  # colour jitter / grayscale / solarise (off for grey images is fine too)
     blur: bool = True
     flip: bool = True
+    augment_on: str = "loader"  # loader: per image in the DataLoader workers; device: whole batches on the device
     workers: int = 0
     pin_memory: bool = True
 
@@ -123,6 +124,7 @@ class Config:
 
 CHOICES = {
     "data.name": ("fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "folder", "digits"),
+    "data.augment_on": ("loader", "device"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50", "swin_t", "vit_b_16"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from smog.config import Config, DataConfig
+from smog.batch_transforms import BatchMultiCrop
+from smog.config import Config, ConfigError, DataConfig
 from smog.transforms import MultiCrop, clean_transform
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -163,9 +164,12 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
 
 
 class MultiCropSet(Dataset):
-    """Items: {"q": [crops], "k": [crops], "index": dataset index}, crops seeded by (seed, epoch, index)."""
+    """Items: {"q": [crops], "k": [crops], "index": dataset index}, crops seeded by (seed, epoch, index).
 
-    def __init__(self, images: ImageSet, transform: MultiCrop, seed: int):
+    With transform None (data.augment_on=device) items are {"image": uint8 [C, H, W], "index"}: the
+    trainer crops whole batches on its device (smog.batch_transforms)."""
+
+    def __init__(self, images: ImageSet, transform: MultiCrop | None, seed: int):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0
         self.large_q_only = False  # set for the memory-bank fill pass
 
@@ -176,6 +180,8 @@ class MultiCropSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
+        if self.transform is None:
+            return {"image": self.images.image(index), "index": index}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + (self.epoch + 1) * 2_147_483 + index) % (2 ** 63))
             crops = self.transform(self.images.image(index), self.large_q_only)
@@ -223,10 +229,29 @@ def data_info(cfg: DataConfig) -> DataInfo:
 
 
 def train_set(cfg: Config, large: int = 2) -> MultiCropSet:
-    """The pretraining set: `large` large crops per view set (+ small q crops), seeded by cfg.train.seed."""
+    """The pretraining set: `large` large crops per view set (+ small q crops), seeded by cfg.train.seed;
+    raw images when the crops are made on the device (data.augment_on=device)."""
     info = data_info(cfg.data)
     images = load_split(cfg.data, "train").subset(cfg.data.train_subset)
+    if cfg.data.augment_on == "device":
+        if images.size == 0:
+            raise ConfigError(f"data.augment_on=device needs images of one size; data.name={cfg.data.name!r} has "
+                              f"images of varying size: set data.augment_on=loader")
+        return MultiCropSet(images, None, cfg.train.seed)
     return MultiCropSet(images, MultiCrop(cfg.data, info.channels, info.mean, info.std, large), cfg.train.seed)
+
+
+def device_crops(cfg: Config, large: int = 2) -> BatchMultiCrop | None:
+    """The batch augmentation the trainer applies on its device, None when the loader makes the crops."""
+    if cfg.data.augment_on != "device":
+        return None
+    info = data_info(cfg.data)
+    return BatchMultiCrop(cfg.data, info.mean, info.std, large)
+
+
+def crop_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a device-made batch of crops: a function of the run's seed, the process and the step."""
+    return (seed * 1_000_003 + rank * 2_147_483_647 + (step + 2) * 6_700_417) % (2 ** 63)
 
 
 def clean_set(cfg: DataConfig, split: str, count: int = 0) -> CleanSet:

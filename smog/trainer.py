@@ -15,7 +15,7 @@ from tqdm import tqdm
 from smog import checkpoint
 from smog.backbones import build_backbone
 from smog.config import Config, ConfigError, to_dict
-from smog.data import ResumableSampler, data_info, make_loader, train_set
+from smog.data import ResumableSampler, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
 from smog.memory_bank import MemoryBank
@@ -60,6 +60,7 @@ class Trainer:
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
 
         self.dataset = train_set(cfg)
+        self.device_crops = device_crops(cfg)
         if cfg.method.groups > len(self.dataset) // self.dist.world:
             raise ConfigError(f"method.groups={cfg.method.groups} exceeds the {len(self.dataset) // self.dist.world} "
                               f"training images per process: k-means cannot seed that many groups")
@@ -175,6 +176,14 @@ class Trainer:
         fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
         return [c.to(self.device, non_blocking=True, memory_format=fmt) for c in crops]
 
+    def _crops(self, batch: dict, step: int, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
+        """The batch's q (and k) crops on the device: made by the loader, or here from the raw images."""
+        if self.device_crops is None:
+            return {key: self._to_device(batch[key]) for key in (("q",) if large_q_only else ("q", "k"))}
+        images = batch["image"].to(self.device, non_blocking=True)
+        crops = self.device_crops(images, crop_seed(self.cfg.train.seed, self.dist.rank, step), large_q_only)
+        return {key: self._to_device(views) for key, views in crops.items()}
+
     @torch.no_grad()
     def fill_bank(self) -> None:
         """The no-grad pass before the first epoch: online z of the large q crops of every sample of this process."""
@@ -183,11 +192,12 @@ class Trainer:
         loader = make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, pin=self.device.type == "cuda")
         self.dataset.set_epoch(-1)
         self.dataset.large_q_only = True
-        for batch in tqdm(loader, desc="memory bank", disable=not (self.cfg.train.progress and self.dist.main)):
+        bar = tqdm(loader, desc="memory bank", disable=not (self.cfg.train.progress and self.dist.main))
+        for i, batch in enumerate(bar):
             if len(batch["index"]) < 2:  # BatchNorm needs two rows; that one sample joins the bank when trained on
                 continue
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-                z, _ = self.model.online(self._to_device(batch["q"]))
+                z, _ = self.model.online(self._crops(batch, -2 - i, large_q_only=True)["q"])
             self.bank.write(batch["index"], z)
         self.dataset.large_q_only = False
         self.bank_ready = True
@@ -205,7 +215,8 @@ class Trainer:
                                               self.cfg.method.kmeans_iters, seed, self.cfg.method.backend, self.dist)
 
     def train_step(self, batch: dict) -> float:
-        q, k = self._to_device(batch["q"]), self._to_device(batch["k"])
+        crops = self._crops(batch, self.step)
+        q, k = crops["q"], crops["k"]
         if self.step % 2 == 1:  # views swap roles every iteration (large crops; small crops stay online)
             q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
         lr = learning_rate(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)

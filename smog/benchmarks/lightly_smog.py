@@ -4,8 +4,8 @@ lightly's parts: SMoGProjectionHead / SMoGPredictionHead, SMoGPrototypes (one he
 the gradient flowing into the updated groups), a 10000-row FIFO MemoryBankModule of the online z, scikit-learn KMeans on that bank
 and a momentum-network reset every 300 steps (EMA 0.99 otherwise), the two views swapped every second
 step, SGD lr 0.01 momentum 0.9 weight decay 1e-6 with a per-epoch cosine schedule. Shared with smog's run:
-backbone, data and augmentations (one q-style and one k-style large crop per image), epochs, batch size,
-seed.
+backbone, data and augmentations (one q-style and one k-style large crop per image, made where smog's run
+makes them: data.augment_on), epochs, batch size, seed, threads, memory format.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from smog.config import Config
-from smog.data import make_loader, train_set
+from smog.data import crop_seed, device_crops, make_loader, train_set
 from smog.evaluation import knn_scores
 from smog.trainer import build_model, pick_device
 
@@ -66,10 +66,14 @@ def train_lightly(cfg: Config) -> dict:
     from lightly.models.utils import update_momentum
 
     device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     cfg = copy.deepcopy(cfg)
     cfg.data.small_crops = 0
     dataset = train_set(cfg, large=1)  # one view per set: no crops made for nothing
-    model = LightlySMoG(build_model(cfg).online.backbone, cfg, len(dataset)).to(device)
+    make_crops = device_crops(cfg, large=1)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = LightlySMoG(build_model(cfg).online.backbone, cfg, len(dataset)).to(device, memory_format=fmt)
     params = (list(model.backbone.parameters()) + list(model.projection_head.parameters())
               + list(model.prediction_head.parameters()))
     optimizer = torch.optim.SGD(params, lr=LR, momentum=0.9, weight_decay=1e-6)
@@ -83,7 +87,11 @@ def train_lightly(cfg: Config) -> dict:
         loader = make_loader(dataset, cfg.train.batch_size, cfg.data, order, drop_last=True)
         started = time.perf_counter()
         for batch in tqdm(loader, desc=f"lightly epoch {epoch + 1}/{cfg.train.epochs}", disable=not cfg.train.progress):
-            x0, x1 = batch["q"][0].to(device), batch["k"][0].to(device)
+            if make_crops is None:
+                views = {"q": batch["q"], "k": batch["k"]}
+            else:
+                views = make_crops(batch["image"].to(device), crop_seed(cfg.train.seed, 0, step))
+            x0, x1 = (views[key][0].to(device, memory_format=fmt) for key in ("q", "k"))
             if step % 2:
                 x0, x1 = x1, x0
             if step > 0 and step % RESET_EVERY == 0:
