@@ -25,6 +25,8 @@ _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 as torchvision rounds it
 
 @dataclass(frozen=True)
 class ViewRecipe:
+    """One kind of crop: output side, area fraction range, blur and solarisation probabilities."""
+
     size: int
     scale: tuple[float, float]
     blur_p: float

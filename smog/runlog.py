@@ -34,6 +34,10 @@ class RunLog:
         with open(self.path) as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
+    def restart(self) -> None:
+        """Start an empty log (a fresh run in a directory that holds an earlier run's records)."""
+        open(self.path, "w").close()
+
     def truncate_after(self, step: int) -> None:
         """Drop records newer than `step` (after a resume from an earlier checkpoint)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]

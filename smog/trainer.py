@@ -269,7 +269,9 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as out:
                 yaml.safe_dump(to_dict(cfg), out, sort_keys=False)
-        if not self.bank_ready:
+        if not self.bank_ready:  # a fresh run: an earlier run's records in this directory are not this run's
+            if self.dist.main:
+                self.log.restart()
             started = time.perf_counter()
             self.fill_bank()
             if self.dist.main:

@@ -30,6 +30,13 @@ def test_a_few_epochs_lower_the_loss(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_a_fresh_run_in_a_used_directory_starts_a_new_log(tmp_path):
+    trainer_for(tmp_path, "train.epochs=1", "data.train_subset=64").fit()
+    again = trainer_for(tmp_path, "train.epochs=1", "data.train_subset=64")
+    again.fit()
+    assert [r["kind"] for r in again.log.records()] == ["bank_fill", "epoch"]
+
+
 def test_reclustering_fills_every_group(tmp_path):
     trainer = trainer_for(tmp_path, "method.groups=16", "data.train_subset=250")  # 250 = 7 batches of 32 + 26
     trainer.fill_bank()
