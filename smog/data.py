@@ -254,6 +254,18 @@ def crop_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 2_147_483_647 + (step + 2) * 6_700_417) % (2 ** 63)
 
 
+def batch_crops(batch: dict, make_crops: BatchMultiCrop | None, seed: int, device: torch.device,
+                memory_format: torch.memory_format, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
+    """A training batch's q (and k) crops on `device`: the loader's, or made there from the batch's raw
+    images by `make_crops` (device_crops) under `seed` (crop_seed)."""
+    if make_crops is None:
+        views = {key: batch[key] for key in (("q",) if large_q_only else ("q", "k"))}
+    else:
+        views = make_crops(batch["image"].to(device, non_blocking=True), seed, large_q_only)
+    return {key: [c.to(device, non_blocking=True, memory_format=memory_format) for c in crops]
+            for key, crops in views.items()}
+
+
 def clean_set(cfg: DataConfig, split: str, count: int = 0) -> CleanSet:
     """Clean evaluation images of a split (first `count` when count > 0)."""
     info = data_info(cfg)

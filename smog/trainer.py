@@ -15,7 +15,7 @@ from tqdm import tqdm
 from smog import checkpoint
 from smog.backbones import build_backbone
 from smog.config import Config, ConfigError, to_dict
-from smog.data import ResumableSampler, crop_seed, data_info, device_crops, make_loader, train_set
+from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
 from smog.memory_bank import MemoryBank
@@ -172,17 +172,11 @@ class Trainer:
         return make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, drop_last=True,
                            pin=self.device.type == "cuda")
 
-    def _to_device(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        return [c.to(self.device, non_blocking=True, memory_format=fmt) for c in crops]
-
     def _crops(self, batch: dict, step: int, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
-        """The batch's q (and k) crops on the device: made by the loader, or here from the raw images."""
-        if self.device_crops is None:
-            return {key: self._to_device(batch[key]) for key in (("q",) if large_q_only else ("q", "k"))}
-        images = batch["image"].to(self.device, non_blocking=True)
-        crops = self.device_crops(images, crop_seed(self.cfg.train.seed, self.dist.rank, step), large_q_only)
-        return {key: self._to_device(views) for key, views in crops.items()}
+        """The batch's q (and k) crops on the device, in the model's memory format."""
+        fmt = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        seed = crop_seed(self.cfg.train.seed, self.dist.rank, step)
+        return batch_crops(batch, self.device_crops, seed, self.device, fmt, large_q_only)
 
     @torch.no_grad()
     def fill_bank(self) -> None:
@@ -197,6 +191,7 @@ class Trainer:
             if len(batch["index"]) < 2:  # BatchNorm needs two rows; that one sample joins the bank when trained on
                 continue
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                # negative steps: the fill pass's crops never repeat a training step's
                 z, _ = self.model.online(self._crops(batch, -2 - i, large_q_only=True)["q"])
             self.bank.write(batch["index"], z)
         self.dataset.large_q_only = False

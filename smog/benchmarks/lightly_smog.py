@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from smog.config import Config
-from smog.data import crop_seed, device_crops, make_loader, train_set
+from smog.data import batch_crops, crop_seed, device_crops, make_loader, train_set
 from smog.evaluation import knn_scores
 from smog.trainer import build_model, pick_device
 
@@ -87,11 +87,8 @@ def train_lightly(cfg: Config) -> dict:
         loader = make_loader(dataset, cfg.train.batch_size, cfg.data, order, drop_last=True)
         started = time.perf_counter()
         for batch in tqdm(loader, desc=f"lightly epoch {epoch + 1}/{cfg.train.epochs}", disable=not cfg.train.progress):
-            if make_crops is None:
-                views = {"q": batch["q"], "k": batch["k"]}
-            else:
-                views = make_crops(batch["image"].to(device), crop_seed(cfg.train.seed, 0, step))
-            x0, x1 = (views[key][0].to(device, memory_format=fmt) for key in ("q", "k"))
+            views = batch_crops(batch, make_crops, crop_seed(cfg.train.seed, 0, step), device, fmt)
+            x0, x1 = views["q"][0], views["k"][0]
             if step % 2:
                 x0, x1 = x1, x0
             if step > 0 and step % RESET_EVERY == 0:
