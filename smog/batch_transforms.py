@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from smog.config import DataConfig
+from smog.transforms import (BLUR_SIGMA, GREY_P, JITTER, JITTER_P, K_BLUR_P, K_SOLARIZE_P, Q_BLUR_P,
+                             blur_kernel)
 
 _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 as torchvision rounds it
 
@@ -145,9 +147,9 @@ class BatchMultiCrop:
     def __init__(self, cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], large: int = 2):
         self.cfg, self.large, self.small_crops = cfg, large, cfg.small_crops
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        self.q_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), 1.0, 0.0)
-        self.k_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), 0.1, 0.2)
-        self.q_small = ViewRecipe(cfg.small_size, tuple(cfg.small_scale), 1.0, 0.0)
+        self.q_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), Q_BLUR_P, 0.0)
+        self.k_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), K_BLUR_P, K_SOLARIZE_P)
+        self.q_small = ViewRecipe(cfg.small_size, tuple(cfg.small_scale), Q_BLUR_P, 0.0)
 
     def view(self, x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torch.Tensor:
         """x float [B, C, H, W] in [0, 1] -> one normalised crop per sample [B, C, size, size]."""
@@ -156,15 +158,15 @@ class BatchMultiCrop:
         mirror = _chance(b, 0.5 if self.cfg.flip else 0.0, g, dev)
         y = crop_resize(x, boxes, recipe.size, mirror)
         if self.cfg.color:
-            on = _chance(b, 0.8, g, dev)
-            bright, contrast, saturation = (_jitter(b, spread, on, g, dev) for spread in (0.4, 0.4, 0.2))
-            hue = torch.where(on, _uniform(b, -0.1, 0.1, g, dev), 0.0)
+            on = _chance(b, JITTER_P, g, dev)
+            bright, contrast, saturation = (_jitter(b, spread, on, g, dev) for spread in JITTER[:3])
+            hue = torch.where(on, _uniform(b, -JITTER[3], JITTER[3], g, dev), 0.0)
             y = colour_jitter(y, bright, contrast, saturation, hue)
             if y.shape[1] == 3:
-                y = grayscale(y, _chance(b, 0.2, g, dev))
+                y = grayscale(y, _chance(b, GREY_P, g, dev))
         if self.cfg.blur and recipe.blur_p > 0:
-            sigma = torch.where(_chance(b, recipe.blur_p, g, dev), _uniform(b, 0.1, 2.0, g, dev), 0.0)
-            y = gaussian_blur(y, max(3, (recipe.size // 10) | 1), sigma)
+            sigma = torch.where(_chance(b, recipe.blur_p, g, dev), _uniform(b, *BLUR_SIGMA, g, dev), 0.0)
+            y = gaussian_blur(y, blur_kernel(recipe.size), sigma)
         if self.cfg.color and recipe.solarize_p > 0:
             y = solarize(y, _chance(b, recipe.solarize_p, g, dev))
         return (y - self.mean.to(dev)) / self.std.to(dev)

@@ -11,6 +11,17 @@ from torchvision.transforms import v2
 
 from smog.config import DataConfig
 
+# The recipe's constants, shared with the batch version (smog.batch_transforms).
+JITTER = (0.4, 0.4, 0.2, 0.1)  # colour jitter strengths: brightness, contrast, saturation, hue
+JITTER_P, GREY_P = 0.8, 0.2  # probabilities of colour jitter and (colour images) grayscale
+BLUR_SIGMA = (0.1, 2.0)
+Q_BLUR_P, K_BLUR_P, K_SOLARIZE_P = 1.0, 0.1, 0.2  # q crops are never solarised
+
+
+def blur_kernel(size: int) -> int:
+    """Gaussian blur taps for a crop of `size` px: odd, ~10% of the crop as in SimCLR/BYOL."""
+    return max(3, (size // 10) | 1)
+
 
 def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int, mean: tuple[float, ...],
           std: tuple[float, ...], blur_p: float, solarize_p: float) -> v2.Compose:
@@ -19,12 +30,11 @@ def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int,
         steps.append(v2.RandomHorizontalFlip())
     if cfg.color:
         if channels == 3:
-            steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+            steps += [v2.RandomApply([v2.ColorJitter(*JITTER)], p=JITTER_P), v2.RandomGrayscale(p=GREY_P)]
         else:
-            steps.append(v2.RandomApply([v2.ColorJitter(0.4, 0.4)], p=0.8))
+            steps.append(v2.RandomApply([v2.ColorJitter(*JITTER[:2])], p=JITTER_P))
     if cfg.blur and blur_p > 0:
-        kernel = max(3, (size // 10) | 1)  # odd, ~10% of the crop as in SimCLR/BYOL
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+        steps.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=BLUR_SIGMA)], p=blur_p))
     if cfg.color and solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -39,9 +49,9 @@ class MultiCrop:
 
     def __init__(self, cfg: DataConfig, channels: int, mean: tuple[float, ...], std: tuple[float, ...],
                  large: int = 2):
-        self.q_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 1.0, 0.0)
-        self.k_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, 0.1, 0.2)
-        self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, 1.0, 0.0)
+        self.q_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, Q_BLUR_P, 0.0)
+        self.k_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, K_BLUR_P, K_SOLARIZE_P)
+        self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, Q_BLUR_P, 0.0)
         self.small_crops, self.large = cfg.small_crops, large
 
     def __call__(self, image: torch.Tensor, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
