@@ -3,6 +3,11 @@
 A config is data: `load_config(name_or_path, overrides)` reads a YAML recipe (a file path, or the name
 of a packaged recipe in smog/configs/), applies `key=value` overrides (values parsed as YAML) and
 checks every field's type and range, raising ConfigError naming the key.
+
+A recipe may start from another one: a top-level `base: <name-or-path>` (a packaged name, or a file
+path, relative paths taken from the including file's directory) loads that recipe first and merges this
+file over it key by key (sections merged, values and lists replaced); bases may have bases. The `name`
+is never inherited: it is the file's own `name` key or, failing that, its file name.
 """
 from __future__ import annotations
 
@@ -256,18 +261,66 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
     return cfg
 
 
-def load_config(name_or_path: str = "quickstart", overrides: list[str] | None = None) -> Config:
-    """Read a recipe and apply overrides; returns a checked Config."""
-    path = config_path(name_or_path)
+def _base_path(path: str, base: Any) -> str:
+    """The file that `base: <base>` in the recipe at `path` names (read like config_path, relative paths
+    from the recipe's own directory)."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be a recipe name or a YAML path, got {base!r}")
+    candidate = os.path.join(os.path.dirname(path), base)
+    if os.path.isfile(candidate):
+        return candidate
+    packaged = resources.files("smog") / "configs" / f"{base}.yaml"
+    if packaged.is_file():
+        return str(packaged)
+    raise ConfigError(f"{path}: base {base!r} is neither a file (looked for {candidate}) nor a packaged recipe "
+                      f"(packaged: {', '.join(packaged_configs())})")
+
+
+def recipe_layers(path: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """(path, values) of a recipe file and its `base` chain, the deepest base first, `base` keys removed."""
+    chain = (*_chain, os.path.realpath(path))
     with open(path) as handle:
         try:
             values = yaml.safe_load(handle) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {values!r}")
+    if "base" not in values:
+        return [(path, values)]
+    values = dict(values)
+    base = _base_path(path, values.pop("base"))
+    if os.path.realpath(base) in chain:
+        loop = " -> ".join([*chain[chain.index(os.path.realpath(base)):], os.path.realpath(base)])
+        raise ConfigError(f"{path}: base {base!r} makes a cycle ({loop})")
+    return [*recipe_layers(base, chain), (path, values)]
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base` key by key: dicts merged recursively, anything else replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(name_or_path: str = "quickstart", overrides: list[str] | None = None) -> Config:
+    """Read a recipe (with its `base` chain) and apply overrides; returns a checked Config."""
+    path = config_path(name_or_path)
+    layers = recipe_layers(path)
+    values: dict = {}
+    for layer_path, layer in layers:
+        try:  # each file checked on its own, so that an error names the file it is in
+            _apply(Config(), layer)
+        except ConfigError as error:
+            raise ConfigError(f"{layer_path}: {error}") from None
+        values = merge(values, layer)
+    values["name"] = layers[-1][1].get("name", os.path.splitext(os.path.basename(path))[0])  # not inherited
     cfg = Config()
     _apply(cfg, values)
-    if "name" not in values:
-        cfg.name = os.path.splitext(os.path.basename(path))[0]
     _apply(cfg, parse_overrides(overrides or []))
     validate(cfg)
     return cfg

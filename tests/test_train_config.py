@@ -1,12 +1,15 @@
-"""Configs: packaged recipes mirror configs/, load and check; bad keys/values and missing data give clear errors."""
+"""Configs: packaged recipes mirror configs/, load and check; `base` inheritance; bad keys/values and missing
+data give clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
+import yaml
 
 from smog.cli import main as smog_main
-from smog.config import ConfigError, load_config, packaged_configs
+from smog.config import ConfigError, load_config, merge, packaged_configs
 from smog.data import DatasetNotFound, load_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +28,97 @@ def test_configs_folder_mirrors_the_packaged_recipes():
 @pytest.mark.parametrize("name", packaged_configs())
 def test_every_packaged_recipe_loads(name):
     assert load_config(name).name == name
+
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_the_configs_folder_copies_load_to_the_same_recipe(name):
+    """configs/ copies resolve their `base` too (a bare name is the packaged recipe) and give the same config."""
+    assert load_config(os.path.join(REPO, "configs", name + ".yaml")) == load_config(name)
+
+
+def _flat(values: dict) -> dict:
+    """{'train': {'epochs': 3}, 'name': 'x'} -> {'train.epochs': 3, 'name': 'x'}"""
+    return {f"{section}.{key}" if isinstance(inner, dict) else section: value
+            for section, inner in values.items()
+            for key, value in (inner.items() if isinstance(inner, dict) else [(None, inner)])}
+
+
+def test_quickstart_is_fashion_mnist_with_only_what_it_sets_changed():
+    with open(os.path.join(PACKAGED, "quickstart.yaml")) as handle:
+        raw = yaml.safe_load(handle)
+    assert raw.pop("base") == "fashion_mnist"
+    sets = _flat(raw)
+    quick = _flat(dataclasses.asdict(load_config("quickstart")))
+    fashion = _flat(dataclasses.asdict(load_config("fashion_mnist")))
+    assert {key for key in quick if quick[key] != fashion[key]} == set(sets)  # each set field really differs
+    assert all(quick[key] == value for key, value in sets.items())
+    # what `smog train` has always run: the benchmark recipe, shorter and with a smaller kNN
+    assert (quick["train.epochs"], quick["eval.knn_train_subset"], quick["eval.knn_test_subset"]) == (3, 10000, 2000)
+    assert (quick["optim.name"], quick["optim.lr"], quick["data.small_crops"], quick["model.width"]) == ("sgd", 0.06, 2, 16)
+
+
+def _write(path, values) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_base_chain_merges_sections_key_by_key(tmp_path, monkeypatch):
+    _write(tmp_path / "a.yaml", {"name": "a", "data": {"large_size": 12, "small_size": 6, "blur": False},
+                                 "model": {"width": 8}, "eval": {"knn_k": [5, 3], "knn_t": [0.1, 0.2]}})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml", "data": {"small_size": 4},
+                                 "eval": {"knn_k": [7], "knn_t": [0.3]}})
+    c = _write(tmp_path / "sub" / "c.yaml", {"base": "../b.yaml", "model": {"dim": 8}})
+    monkeypatch.chdir(tmp_path / "sub")  # relative bases are read from the including file's folder, not the cwd
+    os.mkdir("elsewhere")
+    monkeypatch.chdir("elsewhere")
+    cfg = load_config(c, ["train.epochs=5"])
+    assert (cfg.data.large_size, cfg.data.small_size, cfg.data.blur) == (12, 4, False)  # a, b over a, a
+    assert (cfg.model.width, cfg.model.dim) == (8, 8)  # a, c
+    assert (cfg.eval.knn_k, cfg.eval.knn_t) == ((7,), (0.3,))  # lists replaced, not merged
+    assert cfg.train.epochs == 5 and cfg.data.flip is True  # overrides on top; untouched fields keep defaults
+    assert cfg.name == "c"  # the name is the file's own, never the base's
+
+
+def test_base_by_packaged_name(tmp_path):
+    path = _write(tmp_path / "mine.yaml", {"base": "digits", "train": {"epochs": 1}, "model": {"dim": 8}})
+    expected = dataclasses.replace(load_config("digits", ["train.epochs=1", "model.dim=8"]), name="mine")
+    assert load_config(path) == expected
+
+
+def test_merge_is_key_by_key_and_leaves_its_inputs_alone():
+    base = {"data": {"a": 1, "b": {"x": 1, "y": 2}}, "l": [1, 2]}
+    assert merge(base, {"data": {"b": {"y": 3}}, "l": [9]}) == {"data": {"a": 1, "b": {"x": 1, "y": 3}}, "l": [9]}
+    assert base == {"data": {"a": 1, "b": {"x": 1, "y": 2}}, "l": [1, 2]}
+
+
+def test_base_cycle_names_the_file_and_key(tmp_path):
+    a = _write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match=r"b\.yaml: base .*a\.yaml.* makes a cycle"):
+        load_config(a)
+    selfish = _write(tmp_path / "self.yaml", {"base": "self.yaml"})
+    with pytest.raises(ConfigError, match=r"self\.yaml: base .* makes a cycle"):
+        load_config(selfish)
+
+
+@pytest.mark.parametrize("base, message", [
+    ("nowhere.yaml", r"mine\.yaml: base 'nowhere\.yaml' is neither a file .* nor a packaged recipe"),
+    ("no_such_recipe", r"mine\.yaml: base 'no_such_recipe' is neither"),
+    (3, r"mine\.yaml: base must be a recipe name or a YAML path, got 3"),
+])
+def test_missing_or_bad_base_names_the_file_and_key(tmp_path, base, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path / "mine.yaml", {"base": base}))
+
+
+def test_unknown_key_in_a_base_names_that_file(tmp_path):
+    _write(tmp_path / "parent.yaml", {"train": {"epoch": 3}})
+    child = _write(tmp_path / "child.yaml", {"base": "parent.yaml", "train": {"epochs": 3}})
+    with pytest.raises(ConfigError, match=r"parent\.yaml: unknown config key 'train\.epoch'"):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.base'"):  # `base` only at the top
+        load_config(_write(tmp_path / "nested.yaml", {"data": {"base": "digits"}}))
 
 
 def test_imagenet_recipe_is_the_papers():
