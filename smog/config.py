@@ -70,6 +70,7 @@ class MethodConfig:
     kmeans_iters: int = 10
     reset_momentum_each_epoch: bool = True
     backend: str = "auto"  # smog_kernels backend
+    cuda_graphs: bool = False  # replay each head's grouping step from CUDA graphs (one CUDA process only)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch import nn
 
 import smog_kernels
 from smog.config import Config
+from smog_kernels.graphed_step import GraphedGroupingStep
 from smog.heads import predictor, projector
 
 StatsReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -87,6 +88,7 @@ class SMoG(nn.Module):
         self.momentum = MomentumNet(self.online)
         groups = F.normalize(torch.randn(cfg.method.heads, cfg.method.groups, cfg.model.dim), dim=2)
         self.register_buffer("groups", groups)
+        self._graphed: list[GraphedGroupingStep] | None = None  # one per head (method.cuda_graphs)
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
@@ -113,10 +115,21 @@ class SMoG(nn.Module):
             z_k = self.momentum(k)
         losses, groups, counts = [], [], []
         for h in range(self.cfg.heads):
-            out = smog_kernels.grouping_step(
-                self.groups[h], z_k, z_q[h % 2], p_q, beta, self.cfg.temperature,
-                grad_centroids=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
+            if self.cfg.cuda_graphs and reduce_stats is None:
+                out = self._graphed_step(h)(self.groups[h], z_k, z_q[h % 2], p_q, beta)
+            else:
+                out = smog_kernels.grouping_step(
+                    self.groups[h], z_k, z_q[h % 2], p_q, beta, self.cfg.temperature,
+                    grad_centroids=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
             losses.append(out.loss)
             groups.append(out.centroids.detach())
             counts.append(out.counts)
         return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts), z_q[:2].detach())
+
+    def _graphed_step(self, head: int) -> GraphedGroupingStep:
+        """Head `head`'s CUDA-graph step (made on first use). The stacking in `step` copies its outputs
+        out of the graph buffers before the next call."""
+        if self._graphed is None:
+            self._graphed = [GraphedGroupingStep(self.cfg.temperature, self.cfg.grad_into_groups, self.cfg.backend)
+                             for _ in range(self.cfg.heads)]
+        return self._graphed[head]

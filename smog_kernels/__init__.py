@@ -2,9 +2,11 @@
 momentum update, group contrastive loss, spherical k-means) with a plain-PyTorch reference."""
 from smog_kernels._backends import available_backends
 from smog_kernels.api import assign, group_contrastive_loss, group_stats, momentum_update, spherical_kmeans
+from smog_kernels.graphed_step import GraphedGroupingStep
 from smog_kernels.step import GroupingStep, grouping_step
 
 __all__ = [
+    "GraphedGroupingStep",
     "GroupingStep",
     "assign",
     "available_backends",

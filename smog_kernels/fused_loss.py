@@ -35,20 +35,23 @@ class FusedGroupLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         p, centroids, targets_2d, lse, attention = ctx.saved_tensors
         t, n = targets_2d.shape
-        if ctx.reduction == "mean":
-            weight = grad_out.float().expand(t, n) / (t * n)
-        elif ctx.reduction == "sum":
-            weight = grad_out.float().expand(t, n)
-        else:
+        if ctx.reduction == "none":
             weight = grad_out.float().reshape(t, n)
-        row_weight = weight.sum(0)  # [N]
+        else:  # every loss term has the same upstream weight: a 0-dim tensor (no host read)
+            weight = grad_out.float() / (t * n) if ctx.reduction == "mean" else grad_out.float()
         grad_p = grad_c = None
         if ctx.needs_input_grad[0]:
-            # sum_t w[t, b] (a_b - c_{y_tb}): exactly zero where the softmax is one-hot on the target
-            pull = attention.unsqueeze(0) - centroids.float()[targets_2d]  # [T, N, D]
-            grad_p = ((weight.unsqueeze(-1) * pull).sum(0) * ctx.inv_t).to(p.dtype)
+            if weight.dim() == 0:
+                # w (t a_b - sum_t c_{y_tb}) / tau, in as few launches as the host allows
+                pulled = centroids[targets_2d].sum(0, dtype=torch.float32)  # [N, D]
+                grad_p = torch.add(pulled, attention, alpha=-t).mul_(weight * -ctx.inv_t).to(p.dtype)
+            else:
+                # sum_t w[t, b] (a_b - c_{y_tb}): exactly zero where the softmax is one-hot on the target
+                pull = attention.unsqueeze(0) - centroids[targets_2d].float()  # [T, N, D]
+                grad_p = ((weight.unsqueeze(-1) * pull).sum(0) * ctx.inv_t).to(p.dtype)
         if ctx.grad_centroids and ctx.needs_input_grad[1]:
-            grad_c = ctx.backend.loss_centroid_grad(p, centroids, lse, row_weight, ctx.inv_t)
+            weight = weight.expand(t, n)
+            grad_c = ctx.backend.loss_centroid_grad(p, centroids, lse, weight.sum(0), ctx.inv_t)
             weighted_p = (weight.unsqueeze(-1) * p.float().unsqueeze(0)).reshape(t * n, -1)
             grad_c = grad_c.index_add(0, targets_2d.reshape(-1), weighted_p, alpha=-ctx.inv_t)
             grad_c = grad_c.to(centroids.dtype)

@@ -1,6 +1,6 @@
 """Plain-PyTorch versions of every op of the kernel contract: the specification in code.
 
-Vectorised (matrix products, index_add_, bincount), no loop over groups, and short enough to be
+Vectorised (matrix products, index_add_), no loop over groups, and short enough to be
 obviously right. They materialise the N x K score matrix, which is what the fused backends avoid.
 Arithmetic is float32 for float32/16-bit inputs (float64 stays float64, for gradcheck). The public functions in `smog_kernels` validate
 their arguments before calling these.
@@ -33,10 +33,13 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torc
 def group_stats(
     x: torch.Tensor, index: torch.Tensor, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D], index int64 [N] -> (sums float32 [K, D], counts int64 [K])."""
+    """x [N, D], index int64 [N] -> (sums float32 [K, D], counts int64 [K]).
+
+    (Counts by index_add_, not bincount: on a GPU bincount reads the largest index back to the host,
+    which a CUDA-graph capture of the step cannot do.)"""
     sums = torch.zeros(num_groups, x.shape[1], dtype=_wide(x).dtype, device=x.device)
     sums.index_add_(0, index, _wide(x))
-    counts = torch.bincount(index, minlength=num_groups)
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=x.device).index_add_(0, index, torch.ones_like(index))
     return sums, counts
 
 

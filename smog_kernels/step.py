@@ -44,7 +44,8 @@ def _check_step(centroids, target_rows, update_rows, predictions, beta, temperat
             f"predictions [V, N, D] and target_rows [T, N, D] must have the same N, got predictions "
             f"{tuple(predictions.shape)} and target_rows {tuple(target_rows.shape)}"
         )
-    check.unit_interval("beta", beta)
+    if not isinstance(beta, torch.Tensor):  # a device tensor (GraphedGroupingStep) is checked by its owner
+        check.unit_interval("beta", beta)
     check.positive("temperature", temperature)
 
 
@@ -53,7 +54,7 @@ def grouping_step(
     target_rows: torch.Tensor,
     update_rows: torch.Tensor,
     predictions: torch.Tensor,
-    beta: float,
+    beta: float | torch.Tensor,
     temperature: float,
     grad_centroids: bool = False,
     reduce_stats: StatsReducer | None = None,
@@ -65,6 +66,8 @@ def grouping_step(
     z of the T large k crops. update_rows [M, D]: online z whose statistics move the groups.
     predictions [V, N, D]: online p of every q crop; the gradient flows into them. The loss is the
     mean over t, v, b of -log softmax_k(<p_vb, g'_k> / temperature)[targets[t, b]].
+    beta: a float, or a 0-dim float32 tensor on the rows' device (what a captured CUDA graph reads
+    each replay; the update then runs as the reference's elementwise ops, and the value is not checked).
     With grad_centroids (lightly's variant) the gradient also flows through G' into update_rows via
     the (1 - beta) * mean term; reduce_stats must then be autograd-aware. A reducer with a
     `from_rows(x, index, num_groups, backend)` method (smog_kernels.distributed.GroupStatsSync) is
@@ -95,7 +98,10 @@ def grouping_step(
             sums, counts = stats_ops.group_stats(members, index, k)
         if reduce_stats is not None:
             sums, counts = reduce_stats(sums, counts)
-    updated = stats_ops.momentum_update(groups, sums, counts, float(beta))
+    if isinstance(beta, torch.Tensor):
+        updated = reference.momentum_update(groups, sums, counts, beta)
+    else:
+        updated = stats_ops.momentum_update(groups, sums, counts, float(beta))
 
     v = predictions.shape[0]
     loss_targets = targets.repeat(1, v)  # row v * N + b of the flattened predictions -> targets[:, b]

@@ -12,8 +12,12 @@ it times (median, CUDA events through triton.testing.do_bench) and measures the 
                 network) and the N update rows (online network), group statistics of the update
                 rows, momentum update, loss forward + backward against the updated groups
                 (smog_kernels.step.grouping_step with the method's backend)
-  step_graph    the same step captured once in a CUDA graph and replayed (fused backends on a
-                GPU: possible because no kernel of the step synchronises with the host)
+  step_graphed  the same step through smog_kernels.GraphedGroupingStep, what training code calls
+                (fused backends on a GPU): CUDA graphs captured on the first call, then per call
+                the input copies, two graph replays and autograd's bookkeeping
+  step_graph    the same step captured as one CUDA graph (forward + backward) and replayed: the
+                GPU time alone, a lower bound (possible because no kernel of the step synchronises
+                with the host)
 
 for each method: "triton" (and "cuda" where the extension has CUDA kernels), "reference"
 (smog_kernels.reference), "lightly" (lightly.models.modules.heads.SMoGPrototypes, when importable)
@@ -22,6 +26,10 @@ TFLOP/s counts the useful products: 2NKD for assign and loss_fwd, 4NKD for loss_
 2(3N)KD + 4NKD for the step; "of_mm" is that rate over torch.mm's measured rate for the same
 products at the same shapes. Each configuration also checks the fused results against the
 reference (relative errors in the JSON).
+
+A host-time profile follows on a GPU (--no-profile skips it): for the eager step at (4096, 3000, 128)
+and the loss at (4096, 65536, 128), bfloat16, the host time per call, the GPU kernels per call and
+their GPU time, and the ops with the most host time ("host_profile" in the JSON).
 
 assign/loss rows of the fused backends call the backend modules directly, without the public API's
 argument checks (they read index ranges back to the host); the step rows go through the public
@@ -50,7 +58,8 @@ import torch.nn.functional as F
 SHAPES = [(4096, 3000, 128), (4096, 65536, 128), (32768, 65536, 256)]
 TINY_SHAPES = [(40, 37, 24), (33, 70, 16)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-OPS = ("assign", "loss_fwd", "loss_fwdbwd", "step", "step_graph")
+OPS = ("assign", "loss_fwd", "loss_fwdbwd", "step", "step_graphed", "step_graph")
+STEP_OPS = ("step", "step_graphed", "step_graph")
 TEMPERATURE = 0.1
 BETA = 0.99
 
@@ -132,6 +141,20 @@ def grouping_step_fn(pb: Problem, backend: str):
                         BETA, TEMPERATURE, backend=backend)
     out.loss.backward()
     return out.loss, out.centroids, out.targets, out.index
+
+
+def graphed_step_fn(pb: Problem, backend: str):
+    """The step of grouping_step_fn through smog_kernels.GraphedGroupingStep (captured on first call)."""
+    from smog_kernels.graphed_step import GraphedGroupingStep
+
+    step = GraphedGroupingStep(TEMPERATURE, backend=backend)
+
+    def run():
+        out = step(pb.c, pb.z_targets.view(2, pb.n, pb.d), pb.z_update, pb.p.view(1, pb.n, pb.d), BETA)
+        out.loss.backward()
+        return out.loss, out.centroids, out.targets, out.index
+
+    return run
 
 
 def graphed(fn, grads):
@@ -250,7 +273,8 @@ def mm_fns(pb: Problem) -> dict:
 
 def useful_flops(op: str, n: int, k: int, d: int) -> float:
     return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d,
-            "step": 2.0 * 3 * n * k * d + 4.0 * n * k * d, "step_graph": 2.0 * 3 * n * k * d + 4.0 * n * k * d}[op]
+            "step": 2.0 * 3 * n * k * d + 4.0 * n * k * d, "step_graphed": 2.0 * 3 * n * k * d + 4.0 * n * k * d,
+            "step_graph": 2.0 * 3 * n * k * d + 4.0 * n * k * d}[op]
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -332,6 +356,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     for name, module in methods:
         available[name] = fused_fns(pb, module, name)
         if device.type == "cuda":
+            available[name]["step_graphed"] = graphed_step_fn(pb, name)
             available[name]["step_graph"] = None  # built (captured) when timed
     if not args.no_reference:
         available["reference"] = ref
@@ -350,7 +375,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     for method, fns in available.items():
         for op in OPS:
             row = {"n": n, "k": k, "d": d, "dtype": dtype_name, "method": method, "op": op}
-            if op not in fns and op in ("step", "step_graph"):
+            if op not in fns and op in STEP_OPS:
                 if op == "step" and method == "lightly":
                     row["skipped"] = "per-group Python loop, minutes at this K"
                     rows.append(row)
@@ -360,7 +385,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
                                   else "no such product")
                 rows.append(row)
                 continue
-            grads = [pb.p] if op in ("loss_fwdbwd", "step") else None
+            grads = [pb.p] if op in ("loss_fwdbwd", "step", "step_graphed") else None
             try:
                 fn = fns[op]
                 if op == "step_graph":
@@ -390,7 +415,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
         if base:
             r["of_mm"] = r["tflops"] / base
         for peer in ("reference", "lightly"):
-            other = by.get((peer, "step" if r["op"] == "step_graph" else r["op"]))
+            other = by.get((peer, "step" if r["op"] in STEP_OPS else r["op"]))
             if other and "ms" in other and r["method"] != peer:
                 r[f"speedup_vs_{peer}"] = other["ms"] / r["ms"]
         if r.get("peak_extra_bytes") is not None:
@@ -431,7 +456,7 @@ def targets_summary(rows: list[dict]) -> list[dict]:
         if r["dtype"] != "bfloat16" or r["method"] not in ("triton", "cuda") or "ms" not in r:
             continue
         shape = (r["n"], r["k"], r["d"])
-        if shape == (4096, 3000, 128) and r["op"] in ("step", "step_graph"):
+        if shape == (4096, 3000, 128) and r["op"] in STEP_OPS:
             for peer, need in (("reference", 5.0), ("lightly", 100.0)):
                 got = r.get(f"speedup_vs_{peer}")
                 out.append({"target": f"{r['method']} {r['op']} {shape} >= {need}x {peer}", "value": got,
@@ -444,6 +469,71 @@ def targets_summary(rows: list[dict]) -> list[dict]:
             out.append({"target": f"{r['method']} loss_fwdbwd {shape} peak extra < 2(N+K)D*4 + 64MB",
                         "value": mem, "met": None if mem is None else mem < bound})
     return out
+
+
+PROFILED = (((4096, 3000, 128), "step"), ((4096, 65536, 128), "loss_fwdbwd"))
+
+
+def host_profile(methods, device: torch.device, calls: int = 20) -> list[dict]:
+    """Where an eager call's time goes, bfloat16, for the rows whose targets are host-bound: host
+    milliseconds per call (the Python and launch work, measured until the last launch returns, then
+    with the GPU drained), GPU kernels per call and their summed GPU time, and the ops taking the
+    most host time (torch.profiler, CPU + CUDA activities)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for (n, k, d), op in PROFILED:
+        pb = Problem(n, k, d, torch.bfloat16, device)
+        for name, module in methods:
+            fn = fused_fns(pb, module, name)[op]
+            try:
+                for _ in range(3):
+                    fn()
+                    pb.p.grad = None
+                torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                    pb.p.grad = None
+                launched = time.perf_counter()
+                torch.cuda.synchronize(device)
+                drained = time.perf_counter()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(calls):
+                        fn()
+                        pb.p.grad = None
+                    torch.cuda.synchronize(device)
+                kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+                cpu_ops = sorted((e for e in prof.key_averages() if e.device_type == DeviceType.CPU),
+                                 key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+                out.append({"n": n, "k": k, "d": d, "method": name, "op": op, "calls": calls,
+                            "host_ms_per_call": (launched - start) * 1e3 / calls,
+                            "wall_ms_per_call": (drained - start) * 1e3 / calls,
+                            "gpu_kernels_per_call": len(kernels) / calls,
+                            "gpu_kernel_ms_per_call": sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / calls,
+                            "top_host_ops": [{"op": e.key, "calls_per_call": e.count / calls,
+                                              "self_host_us_per_call": e.self_cpu_time_total / calls}
+                                             for e in cpu_ops]})
+            except Exception as exc:  # noqa: BLE001 (a diagnostic: never fail the benchmark)
+                out.append({"n": n, "k": k, "d": d, "method": name, "op": op, "error": f"{type(exc).__name__}: {exc}"})
+            pb.p.grad = None
+        del pb
+        torch.cuda.empty_cache()
+    return out
+
+
+def profile_table(entries: list[dict]) -> str:
+    lines = []
+    for e in entries:
+        head = f"{e['method']} {e['op']} {(e['n'], e['k'], e['d'])} bfloat16: "
+        if "error" in e:
+            lines.append(head + e["error"])
+            continue
+        lines.append(head + f"host {e['host_ms_per_call']:.3f} ms/call, wall {e['wall_ms_per_call']:.3f}, "
+                     f"{e['gpu_kernels_per_call']:.1f} kernels/call, GPU {e['gpu_kernel_ms_per_call']:.3f} ms/call")
+        lines += [f"    {o['self_host_us_per_call']:8.1f} us  x{o['calls_per_call']:.1f}  {o['op']}" for o in e["top_host_ops"][:8]]
+    return "\n".join(lines)
 
 
 def write_json(result: dict, path: str) -> None:
@@ -468,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="CPU repetitions (GPU: --rep-ms)")
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the host-time profile of the eager step and loss (GPU only, ~20 s)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -550,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
                     result["failures"].append(f"{r['method']} {(n, k, d, dtype_name)} vs reference: {', '.join(bad)}")
             result["targets"] = targets_summary(result["rows"])
             write_json(result, path)
+    if cuda and methods and not args.no_profile and not args.tiny:
+        print("-- host-time profile of eager calls", flush=True)
+        result["host_profile"] = host_profile(methods, device)
+        print(profile_table(result["host_profile"]))
     write_json(result, path)
     print(table(result["rows"]))
     for t in result.get("targets", []):
