@@ -71,6 +71,7 @@ class MethodConfig:
     reset_momentum_each_epoch: bool = True
     backend: str = "auto"  # smog_kernels backend
     cuda_graphs: bool = False  # replay each head's grouping step from CUDA graphs (one CUDA process only)
+    step_dtype: str = "auto"  # rows of the grouping step: auto = bfloat16 under bf16 autocast, else float32
 
 
 @dataclass
@@ -131,6 +132,7 @@ class Config:
 CHOICES = {
     "data.name": ("fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "folder", "digits"),
     "data.augment_on": ("loader", "device"),
+    "method.step_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50", "swin_t", "vit_b_16"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),

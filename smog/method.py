@@ -1,6 +1,7 @@
 """The SMoG method: online and momentum networks, H heads of K group features, one iteration's loss.
 
-Per iteration and head h (SMOG_SPEC.md, "One training iteration"), through smog_kernels.grouping_step:
+Per iteration and head h (SMOG_SPEC.md, "One training iteration"), through smog_kernels.grouping_step
+(in bfloat16 under bfloat16 autocast, against a float32 master copy of the groups):
 targets = groups of the momentum z of the two large k crops under G_h; the online z of large q crop
 (h mod 2) are assigned under G_h, their statistics move G_h to G'_h; every q crop's prediction is scored
 against G'_h for both targets. The loss is the mean over heads.
@@ -113,18 +114,28 @@ class SMoG(nn.Module):
         z_q, p_q = online(q)
         with torch.no_grad():
             z_k = self.momentum(k)
+        dtype = self.step_dtype(z_q.device)  # the groups stay float32: a master copy under 16-bit rows
+        rows_k, rows_q, rows_p = z_k.to(dtype), z_q.to(dtype), p_q.to(dtype)
         losses, groups, counts = [], [], []
         for h in range(self.cfg.heads):
             if self.cfg.cuda_graphs and reduce_stats is None:
-                out = self._graphed_step(h)(self.groups[h], z_k, z_q[h % 2], p_q, beta)
+                out = self._graphed_step(h)(self.groups[h], rows_k, rows_q[h % 2], rows_p, beta)
             else:
                 out = smog_kernels.grouping_step(
-                    self.groups[h], z_k, z_q[h % 2], p_q, beta, self.cfg.temperature,
+                    self.groups[h], rows_k, rows_q[h % 2], rows_p, beta, self.cfg.temperature,
                     grad_centroids=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
             losses.append(out.loss)
             groups.append(out.centroids.detach())
             counts.append(out.counts)
         return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts), z_q[:2].detach())
+
+    def step_dtype(self, device: torch.device) -> torch.dtype:
+        """dtype of the grouping step's rows (method.step_dtype): "auto" follows a bfloat16 autocast
+        region (the fused kernels' tensor-core path), else float32."""
+        if self.cfg.step_dtype != "auto":
+            return getattr(torch, self.cfg.step_dtype)
+        autocast_bf16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+        return torch.bfloat16 if autocast_bf16 else torch.float32
 
     def _graphed_step(self, head: int) -> GraphedGroupingStep:
         """Head `head`'s CUDA-graph step (made on first use). The stacking in `step` copies its outputs

@@ -36,7 +36,11 @@ def _check_step(centroids, target_rows, update_rows, predictions, beta, temperat
     check.same_device(**named)
     for name, t in named.items():
         check.same_dim("centroids", centroids, name, t)
-        check.same_dtype("centroids", centroids, name, t)
+    check.same_dtype("target_rows", target_rows, "update_rows", update_rows)
+    check.same_dtype("target_rows", target_rows, "predictions", predictions)
+    if centroids.dtype not in (target_rows.dtype, torch.float32):
+        raise TypeError(f"centroids ({centroids.dtype}) must have the rows' dtype ({target_rows.dtype}) or be "
+                        f"float32 (a float32 master copy of the groups with 16-bit rows)")
     if centroids.shape[0] < 1:
         raise ValueError(f"centroids must hold at least one group (K >= 1), got shape {tuple(centroids.shape)}")
     if predictions.shape[1] != target_rows.shape[1]:
@@ -66,6 +70,9 @@ def grouping_step(
     z of the T large k crops. update_rows [M, D]: online z whose statistics move the groups.
     predictions [V, N, D]: online p of every q crop; the gradient flows into them. The loss is the
     mean over t, v, b of -log softmax_k(<p_vb, g'_k> / temperature)[targets[t, b]].
+    centroids may be float32 with 16-bit rows (a float32 master copy of the groups, as under mixed
+    precision): the products then use the groups rounded to the rows' dtype, while the momentum update
+    and the returned G' stay float32.
     beta: a float, or a 0-dim float32 tensor on the rows' device (what a captured CUDA graph reads
     each replay; the update then runs as the reference's elementwise ops, and the value is not checked).
     With grad_centroids (lightly's variant) the gradient also flows through G' into update_rows via
@@ -79,13 +86,14 @@ def grouping_step(
     t, n, d = target_rows.shape
     k = centroids.shape[0]
     groups = centroids.detach()
+    products = groups.to(target_rows.dtype)  # the groups in the rows' dtype (no copy when it is theirs)
     rows = torch.cat([target_rows.detach().reshape(t * n, d), update_rows.detach()])
     from_rows = getattr(reduce_stats, "from_rows", None)  # a reducer that can gather rows instead
     fused_first_pass = None if grad_centroids or from_rows else getattr(ops, "assign_and_stats", None)
     if fused_first_pass is not None:
-        index_all, _, sums, counts = fused_first_pass(rows, groups, stats_from=t * n)
+        index_all, _, sums, counts = fused_first_pass(rows, products, stats_from=t * n)
     else:
-        index_all, _ = ops.assign(rows, groups)
+        index_all, _ = ops.assign(rows, products)
     targets, index = index_all[: t * n].view(t, n), index_all[t * n :]
 
     # the grad-into-groups variant needs differentiable statistics: the reference's
@@ -105,5 +113,6 @@ def grouping_step(
 
     v = predictions.shape[0]
     loss_targets = targets.repeat(1, v)  # row v * N + b of the flattened predictions -> targets[:, b]
-    loss = run_loss(resolved, predictions.reshape(v * n, d), updated, loss_targets, temperature, "mean", grad_centroids)
+    scored = updated.to(predictions.dtype)  # differentiable cast (grad_centroids) when the groups are float32
+    loss = run_loss(resolved, predictions.reshape(v * n, d), scored, loss_targets, temperature, "mean", grad_centroids)
     return GroupingStep(loss, updated if grad_centroids else updated.detach(), targets, index, counts)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from smog.config import load_config
 from smog.schedules import ema_rate, group_momentum
 from smog.trainer import Trainer
+import smog_kernels
 from smog_kernels import reference
 
 
@@ -100,6 +101,33 @@ def test_grad_into_groups_changes_the_gradient(tmp_path):
         out.loss.backward()
         grads.append(trainer.model.online.projector[0].weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("setting, autocast, expected", [
+    ("auto", False, torch.float32), ("auto", True, torch.bfloat16), ("float32", True, torch.float32),
+    ("bfloat16", False, torch.bfloat16),
+])
+def test_step_dtype_follows_autocast(tmp_path, monkeypatch, setting, autocast, expected):
+    """Under bfloat16 autocast ("auto") the grouping step gets bfloat16 rows and the float32 groups;
+    the groups it returns stay float32 and the loss reaches the network."""
+    trainer = make_trainer(tmp_path, f"method.step_dtype={setting}")
+    trainer.fill_bank()
+    trainer.start_epoch(0)
+    batch = first_batch(trainer)
+    seen = []
+    real_step = smog_kernels.grouping_step
+
+    def spy(groups, target_rows, update_rows, predictions, *args, **kwargs):
+        seen.append((groups.dtype, target_rows.dtype, update_rows.dtype, predictions.dtype))
+        return real_step(groups, target_rows, update_rows, predictions, *args, **kwargs)
+
+    monkeypatch.setattr(smog_kernels, "grouping_step", spy)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = trainer.model.step(trainer.online, list(batch["q"]), list(batch["k"]), 0.9)
+    out.loss.backward()
+    assert seen == [(torch.float32, expected, expected, expected)] * trainer.cfg.method.heads
+    assert out.groups.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert trainer.model.online.projector[0].weight.grad.abs().sum() > 0
 
 
 def test_reset_momentum_copies_online_weights(tmp_path):

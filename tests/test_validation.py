@@ -135,3 +135,14 @@ def test_unknown_or_unavailable_backend():
 def test_grouping_step_rejects_mismatched_batch():
     with pytest.raises(ValueError, match="same N"):
         sk.grouping_step(C, rows(6, 4).view(2, 3, 4), X, rows(8, 4).view(2, 4, 4), 0.99, 0.1)
+
+
+def test_grouping_step_dtype_rules():
+    """The rows share one dtype; the groups have it too or are a float32 master copy."""
+    t16, z16, p16 = rows(6, 4, torch.bfloat16).view(2, 3, 4), rows(3, 4, torch.bfloat16), rows(3, 4, torch.bfloat16)
+    with pytest.raises(TypeError, match="target_rows.*update_rows.*same dtype"):
+        sk.grouping_step(C, t16, rows(3, 4), p16.view(1, 3, 4), 0.99, 0.1)
+    with pytest.raises(TypeError, match="centroids.*float32 master"):
+        sk.grouping_step(C.half(), t16, z16, p16.view(1, 3, 4), 0.99, 0.1)
+    out = sk.grouping_step(C, t16, z16, p16.view(1, 3, 4), 0.99, 0.1)  # float32 groups, bfloat16 rows
+    assert out.centroids.dtype == torch.float32
