@@ -149,13 +149,18 @@ def packaged_configs() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _packaged(name: str) -> str | None:
+    """The path of the packaged recipe `name`, or None."""
+    packaged = resources.files("smog") / "configs" / f"{name}.yaml"
+    return str(packaged) if packaged.is_file() else None
+
+
 def config_path(name_or_path: str) -> str:
     """A YAML path, or the packaged recipe of that name."""
     if os.path.isfile(name_or_path):
         return name_or_path
-    packaged = resources.files("smog") / "configs" / f"{name_or_path}.yaml"
-    if packaged.is_file():
-        return str(packaged)
+    if packaged := _packaged(name_or_path):
+        return packaged
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged recipe "
                       f"(packaged: {', '.join(packaged_configs())})")
 
@@ -272,9 +277,8 @@ def _base_path(path: str, base: Any) -> str:
     candidate = os.path.join(os.path.dirname(path), base)
     if os.path.isfile(candidate):
         return candidate
-    packaged = resources.files("smog") / "configs" / f"{base}.yaml"
-    if packaged.is_file():
-        return str(packaged)
+    if packaged := _packaged(base):
+        return packaged
     raise ConfigError(f"{path}: base {base!r} is neither a file (looked for {candidate}) nor a packaged recipe "
                       f"(packaged: {', '.join(packaged_configs())})")
 

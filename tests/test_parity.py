@@ -202,53 +202,25 @@ def test_kmeans_seeded_init_is_k_distinct_rows(generator):
     assert all(bool((x == row).all(dim=1).any()) for row in init), "an initial centroid is not a row of x"
 
 
+# (rows, groups): one dtype, and 16-bit rows with a float32 master copy of the groups (mixed precision)
+STEP_DTYPES = [pytest.param(d, d, id=str(d)) for d in DTYPES] + [
+    pytest.param(d, torch.float32, id=f"{d}-f32master") for d in DTYPES if d != torch.float32]
+
+
 @pytest.mark.parametrize("backend,device,size", fused_backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,groups_dtype", STEP_DTYPES)
 @pytest.mark.parametrize("grad_centroids", [False, True], ids=["detached", "grad-centroids"])
-def test_grouping_step_matches_reference(backend, device, size, dtype, grad_centroids, generator):
+def test_grouping_step_matches_reference(backend, device, size, dtype, groups_dtype, grad_centroids, generator):
     """The whole step of one head (fused first pass where the backend has one): its assignments are
-    argmaxes, and statistics, update, loss and gradients equal the reference built on them."""
+    argmaxes, and statistics, update, loss and gradients equal the reference built on them. With
+    float32 groups and 16-bit rows, assignments and loss use the groups rounded to the rows' dtype and
+    the update stays float32."""
     require(backend)
     k, n, d = (300, 129, 64) if size == "full" else (37, 9, 16)
-    g = unit_rows(k, d, dtype, device, generator)
+    g = unit_rows(k, d, groups_dtype, device, generator)
     target_rows = unit_rows(2 * n, d, dtype, device, generator).view(2, n, d)
     update_rows = unit_rows(n, d, dtype, device, generator).requires_grad_()
     predictions = unit_rows(3 * n, d, dtype, device, generator).view(3, n, d).requires_grad_()
-    step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.9, 0.1, grad_centroids, backend=backend)
-    step.loss.backward()
-    got_dp, got_dz = predictions.grad, update_rows.grad
-    predictions.grad = update_rows.grad = None
-
-    for t in range(2):
-        check_assignment(target_rows[t], g, step.targets[t], ref.assign(target_rows[t], g)[1], dtype)
-    check_assignment(update_rows.detach(), g, step.index, ref.assign(update_rows.detach(), g)[1], dtype)
-    sums, counts = ref.group_stats(update_rows if grad_centroids else update_rows.detach(), step.index, k)
-    updated = ref.momentum_update(g, sums, counts, 0.9)
-    loss = torch.stack([ref.group_contrastive_loss(predictions[v], updated, step.targets, 0.1, "mean", grad_centroids)
-                        for v in range(3)]).mean()
-    loss.backward()
-    assert torch.equal(step.counts, counts)
-    assert rel_err(step.centroids, updated) <= max(REL_TOL[dtype], 1e-5)
-    assert rel_err(step.loss, loss) <= REL_TOL[dtype]
-    assert rel_err(got_dp, predictions.grad) <= REL_TOL[dtype]
-    if grad_centroids:
-        assert rel_err(got_dz, update_rows.grad) <= REL_TOL[dtype]
-    else:
-        assert got_dz is None and update_rows.grad is None
-
-
-@pytest.mark.parametrize("backend,device,size", fused_backends())
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("grad_centroids", [False, True], ids=["detached", "grad-centroids"])
-def test_grouping_step_with_float32_groups(backend, device, size, dtype, grad_centroids, generator):
-    """Mixed precision: 16-bit rows, float32 groups. Assignments and loss use the groups rounded to the
-    rows' dtype; the momentum update and the returned groups stay float32."""
-    require(backend)
-    k, n, d = (300, 129, 64) if size == "full" else (37, 9, 16)
-    g = unit_rows(k, d, torch.float32, device, generator)
-    target_rows = unit_rows(2 * n, d, dtype, device, generator).view(2, n, d)
-    update_rows = unit_rows(n, d, dtype, device, generator).requires_grad_()
-    predictions = unit_rows(2 * n, d, dtype, device, generator).view(2, n, d).requires_grad_()
     step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.9, 0.1, grad_centroids, backend=backend)
     step.loss.backward()
     got_dp, got_dz = predictions.grad, update_rows.grad
@@ -261,11 +233,13 @@ def test_grouping_step_with_float32_groups(backend, device, size, dtype, grad_ce
     sums, counts = ref.group_stats(update_rows if grad_centroids else update_rows.detach(), step.index, k)
     updated = ref.momentum_update(g, sums, counts, 0.9)
     loss = torch.stack([ref.group_contrastive_loss(predictions[v], updated.to(dtype), step.targets, 0.1, "mean",
-                                                   grad_centroids) for v in range(2)]).mean()
+                                                   grad_centroids) for v in range(3)]).mean()
     loss.backward()
-    assert step.centroids.dtype == torch.float32 and torch.equal(step.counts, counts)
-    assert rel_err(step.centroids, updated) <= 1e-5
+    assert step.centroids.dtype == groups_dtype and torch.equal(step.counts, counts)
+    assert rel_err(step.centroids, updated) <= max(REL_TOL[groups_dtype], 1e-5)
     assert rel_err(step.loss, loss) <= REL_TOL[dtype]
     assert rel_err(got_dp, predictions.grad) <= REL_TOL[dtype]
     if grad_centroids:
         assert rel_err(got_dz, update_rows.grad) <= REL_TOL[dtype]
+    else:
+        assert got_dz is None and update_rows.grad is None
