@@ -9,6 +9,7 @@ SUITES = {
     "gpu": "smog.benchmarks.gpu",                # the same on a CUDA GPU (bench/gpu_check)
     "distributed": "smog.benchmarks.distributed",  # statistics reduction strategies over processes
     "accuracy": "smog.benchmarks.accuracy",      # smog vs lightly's SMoG recipe, kNN accuracy
+    "train": "smog.benchmarks.train_step",       # one training step's time by phase, variants side by side
 }
 
 
