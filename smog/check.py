@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
           f"{' + ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}, torch {torch.__version__}, "
           f"N={n} K={k} D={d}; relative error vs smog_kernels.reference (assign: score gap to the best group)")
     rows, failed = [], False
-    header = f"{'backend':<8} {'device':<6} {'dtype':<9} {'op':<18} {'error':>10} {'tolerance':>10}  ok"
+    header = f"{'backend':<8} {'device':<6} {'dtype':<9} {'op':<24} {'error':>10} {'tolerance':>10}  ok"
     print(header + "\n" + "-" * len(header))
     for backend, device in _targets(backends):
         for dtype_name in args.dtypes:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
                 failed |= not ok
                 tol = SCORE_TOL[dtype] if op == "assign score gap" else REL_TOL[dtype]
                 rows.append(dict(backend=backend, device=device, dtype=dtype_name, op=op, error=error, ok=ok))
-                print(f"{backend:<8} {device:<6} {dtype_name:<9} {op:<18} {error:>10.2e} {tol:>10.0e}  "
+                print(f"{backend:<8} {device:<6} {dtype_name:<9} {op:<24} {error:>10.2e} {tol:>10.0e}  "
                       f"{'yes' if ok else 'NO'}")
     if not rows:
         print("no fused backend available: only the reference is installed")

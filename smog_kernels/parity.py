@@ -57,6 +57,52 @@ def measure(backend: str, device: str, dtype: torch.dtype, n: int, k: int, d: in
     got_c, _ = sk.spherical_kmeans(x, init.shape[0], iters=3, init=init, backend=backend)
     want_c, _ = ref.spherical_kmeans(x, init.shape[0], iters=3, init=init)
     errors["spherical_kmeans"] = rel_err(got_c, want_c)
+    errors.update(_step_errors(backend, device, dtype, n, k, d, gen))
+    return errors
+
+
+def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, d: int,
+                 gen: torch.Generator) -> dict[str, float]:
+    """One head's grouping step (what training runs) against the reference step built on the fused
+    step's own assignments (16-bit near-ties may pick another group; "assign score gap" bounds those):
+    loss, updated groups and dloss/dp. "step" keeps the groups in the rows' dtype; "step f32 groups"
+    (16-bit rows) gives it a float32 master copy, as under mixed precision. On a GPU, "graphed step"
+    compares the CUDA-graph replay (GraphedGroupingStep) with the eager step."""
+    from smog_kernels.graphed_step import GraphedGroupingStep
+
+    target_rows = _unit(2 * n, d, dtype, device, gen).view(2, n, d)
+    update_rows = _unit(n, d, dtype, device, gen)
+    predictions = _unit(n, d, dtype, device, gen).view(1, n, d)
+    errors: dict[str, float] = {}
+
+    def run(step_fn, groups):
+        p = predictions.clone().requires_grad_()
+        out = step_fn(groups, target_rows, update_rows, p)
+        out.loss.backward()
+        return out, p.grad
+
+    def eager(groups, t, z, p):
+        return sk.grouping_step(groups, t, z, p, 0.99, 0.1, backend=backend)
+
+    for name, groups_dtype in (("step", dtype), ("step f32 groups", torch.float32)):
+        if name != "step" and dtype == torch.float32:
+            continue
+        groups = _unit(k, d, groups_dtype, device, gen)
+        out, grad = run(eager, groups)
+        sums, counts = ref.group_stats(update_rows, out.index, k)
+        updated = ref.momentum_update(groups, sums, counts, 0.99)
+        p = predictions[0].clone().requires_grad_()
+        want = ref.group_contrastive_loss(p, updated.to(dtype), out.targets, 0.1)
+        want.backward()
+        errors[f"{name} loss"] = rel_err(out.loss, want)
+        errors[f"{name} groups"] = rel_err(out.centroids, updated)
+        errors[f"{name} dloss/dp"] = rel_err(grad, p.grad)
+        if device == "cuda" and name == "step":
+            graphed = GraphedGroupingStep(0.1, backend=backend)
+            replay, replay_grad = run(lambda g, t, z, q: graphed(g, t, z, q, 0.99), groups)
+            errors["graphed step loss"] = rel_err(replay.loss, out.loss)
+            errors["graphed step groups"] = rel_err(replay.centroids, out.centroids)
+            errors["graphed step dloss/dp"] = rel_err(replay_grad, grad)
     return errors
 
 
