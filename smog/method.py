@@ -18,7 +18,6 @@ from torch import nn
 
 import smog_kernels
 from smog.config import Config
-from smog_kernels.graphed_step import GraphedGroupingStep
 from smog.heads import predictor, projector
 
 StatsReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -89,7 +88,7 @@ class SMoG(nn.Module):
         self.momentum = MomentumNet(self.online)
         groups = F.normalize(torch.randn(cfg.method.heads, cfg.method.groups, cfg.model.dim), dim=2)
         self.register_buffer("groups", groups)
-        self._graphed: list[GraphedGroupingStep] | None = None  # one per head (method.cuda_graphs)
+        self._graphed: list[smog_kernels.GraphedGroupingStep] | None = None  # one per head (method.cuda_graphs)
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
@@ -134,13 +133,15 @@ class SMoG(nn.Module):
         region (the fused kernels' tensor-core path), else float32."""
         if self.cfg.step_dtype != "auto":
             return getattr(torch, self.cfg.step_dtype)
-        autocast_bf16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+        kind = device.type
+        autocast_bf16 = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
         return torch.bfloat16 if autocast_bf16 else torch.float32
 
-    def _graphed_step(self, head: int) -> GraphedGroupingStep:
+    def _graphed_step(self, head: int) -> smog_kernels.GraphedGroupingStep:
         """Head `head`'s CUDA-graph step (made on first use). The stacking in `step` copies its outputs
         out of the graph buffers before the next call."""
         if self._graphed is None:
-            self._graphed = [GraphedGroupingStep(self.cfg.temperature, self.cfg.grad_into_groups, self.cfg.backend)
+            make = smog_kernels.GraphedGroupingStep
+            self._graphed = [make(self.cfg.temperature, self.cfg.grad_into_groups, self.cfg.backend)
                              for _ in range(self.cfg.heads)]
         return self._graphed[head]
