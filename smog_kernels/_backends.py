@@ -99,15 +99,17 @@ def resolve(backend: str, device: torch.device) -> tuple[str, ModuleType]:
     return backend, module
 
 
-def resolve_for(op: str, backend: str, rows: torch.Tensor, num_groups: int) -> tuple[str, ModuleType]:
+def resolve_for(op: str | tuple[str, ...], backend: str, rows: torch.Tensor, num_groups: int) -> tuple[str, ModuleType]:
     """resolve(backend, rows.device), except that "auto" on a GPU takes the fused backend measured
-    fastest for `op` (a key of the timing table: "assign", "loss_fwd", "loss_fwdbwd", "step") at the
-    recorded shape nearest to rows [..., N, D] against num_groups groups; AUTO_ORDER where the table
-    has no figure for this op and dtype or no usable backend was measured."""
+    fastest for `op` (a key of the timing table: "assign", "loss_fwd", "loss_fwdbwd", "step",
+    "step_graphed", "step_graph"; or several in order of preference, the first with a figure for this
+    dtype deciding) at the recorded shape nearest to rows [..., N, D] against num_groups groups;
+    AUTO_ORDER where the table has no figure for these ops and dtype or no usable backend was measured."""
     if backend != "auto" or rows.device.type != "cuda":  # the figures are a GPU's
         return resolve(backend, rows.device)
     n, d = rows.shape[-2:]
-    return _measured_choice(op, rows.device, rows.dtype, _log2(n), _log2(num_groups), _log2(d))
+    ops = (op,) if isinstance(op, str) else tuple(op)
+    return _measured_choice(ops, rows.device, rows.dtype, _log2(n), _log2(num_groups), _log2(d))
 
 
 def _log2(size: int) -> int:
@@ -115,9 +117,13 @@ def _log2(size: int) -> int:
 
 
 @functools.cache
-def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, log_n: int, log_k: int, log_d: int):
-    """Cached per op, device, dtype and sizes rounded to powers of two: it runs on every op call."""
+def _measured_choice(ops: tuple[str, ...], device: torch.device, dtype: torch.dtype, log_n: int, log_k: int,
+                     log_d: int):
+    """Cached per ops, device, dtype and sizes rounded to powers of two: it runs on every op call."""
     usable = [name for name in AUTO_ORDER[device.type] if _usable(name) and _load(name).supports(device)]
     shape = (2**log_n, 2**log_k, 2**log_d)
-    name = backend_timings.fastest(op, str(dtype).removeprefix("torch."), shape, usable)
-    return (name, _load(name)) if name else resolve("auto", device)
+    for op in ops:
+        name = backend_timings.fastest(op, str(dtype).removeprefix("torch."), shape, usable)
+        if name:
+            return name, _load(name)
+    return resolve("auto", device)

@@ -8,8 +8,10 @@ each GPU run, or by hand:
     bench/backend_timings bench/results/gpu_nvidia_h200.json
 
 The table keeps the benchmark's op names: "assign", "loss_fwd" (loss forward only), "loss_fwdbwd"
-(forward + backward to p), "step" (grouping_step called eagerly) and "step_graph" (the step replayed
-as a CUDA graph; recorded, not consulted). For each op and dtype it lists every measured (N, K, D)
+(forward + backward to p), "step" (grouping_step called eagerly), "step_graphed" (through
+GraphedGroupingStep) and "step_graph" (the step replayed as one CUDA graph). GraphedGroupingStep
+consults "step_graphed", then "step_graph", then "step": without the host's launch overhead the
+fastest backend can differ from the eager step's. For each op and dtype it lists every measured (N, K, D)
 with the backends ordered fastest first and their times in ms. "reference" is recorded for comparison;
 _backends only chooses among the fused backends (the reference holds the N x K score matrix).
 """

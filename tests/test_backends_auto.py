@@ -30,6 +30,10 @@ TABLE = {
         },
         "step": {
             "float32": [{"shape": [4096, 3000, 128], "order": ["cuda", "triton"], "ms": {"cuda": 1.0, "triton": 2.0}}],
+            "bfloat16": [{"shape": [4096, 3000, 128], "order": ["cuda", "triton"], "ms": {"cuda": 1.1, "triton": 1.8}}],
+        },
+        "step_graph": {
+            "bfloat16": [{"shape": [4096, 3000, 128], "order": ["triton", "cuda"], "ms": {"triton": 0.1, "cuda": 0.8}}],
         },
     },
 }
@@ -65,6 +69,15 @@ def test_picks_the_fused_backend_measured_faster_at_a_recorded_shape(fake_gpu):
     assert choice("assign", 4096, 3000, 128) == "cuda"  # reference is faster there but never chosen
     assert choice("assign", 4096, 65536, 128) == "triton"
     assert choice("step", 4096, 3000, 128, torch.float32) == "cuda"
+
+
+def test_graphed_steps_prefer_graph_figures(fake_gpu):
+    """GraphedGroupingStep's ops: the first with a figure for the dtype decides."""
+    from smog_kernels.graphed_step import GRAPH_OPS
+
+    assert choice("step", 4096, 3000, 128) == "cuda"  # eager: host overhead decides
+    assert choice(GRAPH_OPS, 4096, 3000, 128) == "triton"  # no step_graphed figure: step_graph's
+    assert choice(GRAPH_OPS, 4096, 3000, 128, torch.float32) == "cuda"  # only the eager step's figure
 
 
 def test_picks_by_the_nearest_recorded_shape(fake_gpu):
