@@ -149,18 +149,20 @@ def packaged_configs() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _packaged(name: str) -> str | None:
-    """The path of the packaged recipe `name`, or None."""
-    packaged = resources.files("smog") / "configs" / f"{name}.yaml"
+def _find_recipe(name_or_path: str, folder: str = "") -> str | None:
+    """The YAML file `name_or_path` (relative paths from `folder`), else the packaged recipe of that
+    name, else None."""
+    candidate = os.path.join(folder, name_or_path)
+    if os.path.isfile(candidate):
+        return candidate
+    packaged = resources.files("smog") / "configs" / f"{name_or_path}.yaml"
     return str(packaged) if packaged.is_file() else None
 
 
 def config_path(name_or_path: str) -> str:
     """A YAML path, or the packaged recipe of that name."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    if packaged := _packaged(name_or_path):
-        return packaged
+    if found := _find_recipe(name_or_path):
+        return found
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a packaged recipe "
                       f"(packaged: {', '.join(packaged_configs())})")
 
@@ -274,11 +276,9 @@ def _base_path(path: str, base: Any) -> str:
     from the recipe's own directory)."""
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: base must be a recipe name or a YAML path, got {base!r}")
+    if found := _find_recipe(base, os.path.dirname(path)):
+        return found
     candidate = os.path.join(os.path.dirname(path), base)
-    if os.path.isfile(candidate):
-        return candidate
-    if packaged := _packaged(base):
-        return packaged
     raise ConfigError(f"{path}: base {base!r} is neither a file (looked for {candidate}) nor a packaged recipe "
                       f"(packaged: {', '.join(packaged_configs())})")
 

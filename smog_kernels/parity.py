@@ -68,8 +68,6 @@ def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, 
     loss, updated groups and dloss/dp. "step" keeps the groups in the rows' dtype; "step f32 groups"
     (16-bit rows) gives it a float32 master copy, as under mixed precision. On a GPU, "graphed step"
     compares the CUDA-graph replay (GraphedGroupingStep) with the eager step."""
-    from smog_kernels.graphed_step import GraphedGroupingStep
-
     target_rows = _unit(2 * n, d, dtype, device, gen).view(2, n, d)
     update_rows = _unit(n, d, dtype, device, gen)
     predictions = _unit(n, d, dtype, device, gen).view(1, n, d)
@@ -84,9 +82,8 @@ def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, 
     def eager(groups, t, z, p):
         return sk.grouping_step(groups, t, z, p, 0.99, 0.1, backend=backend)
 
-    for name, groups_dtype in (("step", dtype), ("step f32 groups", torch.float32)):
-        if name != "step" and dtype == torch.float32:
-            continue
+    variants = [("step", dtype)] + ([("step f32 groups", torch.float32)] if dtype != torch.float32 else [])
+    for name, groups_dtype in variants:
         groups = _unit(k, d, groups_dtype, device, gen)
         out, grad = run(eager, groups)
         sums, counts = ref.group_stats(update_rows, out.index, k)
@@ -98,7 +95,7 @@ def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, 
         errors[f"{name} groups"] = rel_err(out.centroids, updated)
         errors[f"{name} dloss/dp"] = rel_err(grad, p.grad)
         if device == "cuda" and name == "step":
-            graphed = GraphedGroupingStep(0.1, backend=backend)
+            graphed = sk.GraphedGroupingStep(0.1, backend=backend)
             replay, replay_grad = run(lambda g, t, z, q: graphed(g, t, z, q, 0.99), groups)
             errors["graphed step loss"] = rel_err(replay.loss, out.loss)
             errors["graphed step groups"] = rel_err(replay.centroids, out.centroids)

@@ -272,9 +272,9 @@ def mm_fns(pb: Problem) -> dict:
 
 
 def useful_flops(op: str, n: int, k: int, d: int) -> float:
-    return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d,
-            "step": 2.0 * 3 * n * k * d + 4.0 * n * k * d, "step_graphed": 2.0 * 3 * n * k * d + 4.0 * n * k * d,
-            "step_graph": 2.0 * 3 * n * k * d + 4.0 * n * k * d}[op]
+    if op in STEP_OPS:  # assign 3N rows, loss forward + backward for N
+        return 2.0 * 3 * n * k * d + 4.0 * n * k * d
+    return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d}[op]
 
 
 # ---- measurement ----------------------------------------------------------------------------------
