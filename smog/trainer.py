@@ -54,6 +54,10 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if cfg.method.cuda_graphs and (self.device.type != "cuda" or self.dist.world > 1):
+            raise ConfigError(f"method.cuda_graphs=true needs one CUDA process (this run: {self.device.type}, "
+                              f"{self.dist.world} processes): the statistics cannot be reduced across processes "
+                              f"inside a graph; set method.cuda_graphs=false")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = os.path.join(cfg.train.out_dir, cfg.train.run_name or cfg.name)
@@ -94,10 +98,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.online, cfg.optim)
         self.bank = MemoryBank(len(self.dataset), cfg.model.dim, self.device)
         self.reduce_stats = stats_reducer(self.dist)
-        if cfg.method.cuda_graphs and (self.device.type != "cuda" or self.reduce_stats is not None):
-            raise ConfigError(f"method.cuda_graphs=true needs one CUDA process (this run: {self.device.type}, "
-                              f"{self.dist.world} processes): the statistics cannot be reduced across processes "
-                              f"inside a graph; set method.cuda_graphs=false")
         self.autocast = cfg.train.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.epoch, self.step, self.step_in_epoch, self.bank_ready = 0, 0, 0, False
         self.meter = self._empty_meter()
