@@ -60,7 +60,7 @@ setup(
     version="0.1.0",
     description="Fast, faithful SMoG (Synchronous Momentum Grouping) self-supervised pretraining",
     packages=find_packages(include=["smog", "smog.*", "smog_kernels", "smog_kernels.*"]),
-    package_data={"smog": ["configs/*.yaml"], "smog_kernels": ["*.json"]},
+    package_data={"smog": ["configs/*.yaml"]},
     ext_modules=[
         extension_cls(
             name="smog_kernels._C",

@@ -1,6 +1,6 @@
 // Schemas of the smog:: operators. Implementations register per dispatch key:
 // csrc/cpu/*.cpp under CPU, csrc/cuda/*.cu under CUDA; fake (meta) kernels live in
-// smog_kernels/native.py so the ops trace under torch.compile.
+// smog_kernels/fakes.py so the ops trace under torch.compile.
 #include <torch/library.h>
 #ifdef SMOG_PYTHON_MODULE
 #include <Python.h>

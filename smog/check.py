@@ -11,23 +11,20 @@ import platform
 
 import torch
 
-import smog_kernels
+from smog_kernels import registry
 from smog_kernels.parity import REL_TOL, SCORE_TOL, measure, within_tolerance
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _targets(backends: list[str]) -> list[tuple[str, str]]:
-    """(backend, device) pairs to check: each fused backend on the device it runs on."""
-    gpu = torch.cuda.is_available()
+    """(backend, device) pairs to check: each backend on the first device it runs on, the GPU first."""
+    devices = ([torch.device("cuda")] if torch.cuda.is_available() else []) + [torch.device("cpu")]
     pairs = []
     for name in backends:
-        if name == "cpu":
-            pairs.append(("cpu", "cpu"))
-        elif name in ("cuda", "triton") and gpu:
-            pairs.append((name, "cuda"))
-        elif name == "triton":
-            pairs.append(("triton", "cpu"))  # only listed under TRITON_INTERPRET=1
+        device = next((d for d in devices if registry.get(name).supports(d)), None)
+        if device is not None:
+            pairs.append((name, device.type))
     return pairs
 
 
@@ -40,7 +37,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default=None, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
 
-    available = smog_kernels.available_backends()
+    available = registry.available_backends()
     backends = args.backends or [b for b in available if b != "reference"]
     unknown = [b for b in backends if b not in available]
     if unknown:

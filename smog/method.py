@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ import smog_kernels
 from smog.config import Config
 from smog.heads import predictor, projector
 
-StatsReducer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StatsReducer = smog_kernels.StatsReducer
 
 
 def _by_resolution(crops: list[torch.Tensor], net: nn.Module) -> list[torch.Tensor]:
@@ -122,9 +121,9 @@ class SMoG(nn.Module):
             else:
                 out = smog_kernels.grouping_step(
                     self.groups[h], rows_k, rows_q[h % 2], rows_p, beta, self.cfg.temperature,
-                    grad_centroids=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
+                    grad_groups=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
             losses.append(out.loss)
-            groups.append(out.centroids.detach())
+            groups.append(out.groups.detach())
             counts.append(out.counts)
         return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts), z_q[:2].detach())
 

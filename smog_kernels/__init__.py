@@ -1,13 +1,20 @@
 """smog_kernels: fused kernels for the grouping step of SMoG (assignment, group statistics,
-momentum update, group contrastive loss, spherical k-means) with a plain-PyTorch reference."""
-from smog_kernels._backends import available_backends
+momentum update, group contrastive loss, spherical k-means) with a plain-PyTorch reference.
+
+Backends (smog_kernels.backend.Backend) are listed in smog_kernels.registry; docs/kernels.md says
+how to add an op or a backend."""
 from smog_kernels.api import assign, group_contrastive_loss, group_stats, momentum_update, spherical_kmeans
+from smog_kernels.backend import Backend
 from smog_kernels.graphed_step import GraphedGroupingStep
+from smog_kernels.kmeans import StatsReducer
+from smog_kernels.registry import available_backends
 from smog_kernels.step import GroupingStep, grouping_step
 
 __all__ = [
+    "Backend",
     "GraphedGroupingStep",
     "GroupingStep",
+    "StatsReducer",
     "assign",
     "available_backends",
     "group_contrastive_loss",

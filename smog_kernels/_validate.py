@@ -91,14 +91,14 @@ def positive(name: str, value: float) -> float:
 # ---- one check per public op -------------------------------------------------------------------
 
 
-def check_assign(x: torch.Tensor, centroids: torch.Tensor) -> None:
+def check_assign(x: torch.Tensor, groups: torch.Tensor) -> None:
     features("x", x)
-    features("centroids", centroids)
-    same_device(x=x, centroids=centroids)
-    same_dim("x", x, "centroids", centroids)
-    same_dtype("x", x, "centroids", centroids)
-    if centroids.shape[0] < 1:
-        raise ValueError(f"centroids must hold at least one group (K >= 1), got {_describe(centroids)}")
+    features("groups", groups)
+    same_device(x=x, groups=groups)
+    same_dim("x", x, "groups", groups)
+    same_dtype("x", x, "groups", groups)
+    if groups.shape[0] < 1:
+        raise ValueError(f"groups must hold at least one group (K >= 1), got {_describe(groups)}")
 
 
 def check_group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> None:
@@ -109,22 +109,22 @@ def check_group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> 
 
 
 def check_momentum_update(
-    centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float
+    groups: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float
 ) -> None:
-    features("centroids", centroids)
-    if centroids.shape[0] < 1:
-        raise ValueError(f"centroids must hold at least one group (K >= 1), got {_describe(centroids)}")
+    features("groups", groups)
+    if groups.shape[0] < 1:
+        raise ValueError(f"groups must hold at least one group (K >= 1), got {_describe(groups)}")
     _tensor("sums", sums)
     _tensor("counts", counts)
     if sums.dtype != torch.float32:
         raise TypeError(f"sums must be float32, got {_describe(sums)}")
-    if tuple(sums.shape) != tuple(centroids.shape):
-        raise ValueError(f"sums must have the shape of centroids {tuple(centroids.shape)}, got {_describe(sums)}")
+    if tuple(sums.shape) != tuple(groups.shape):
+        raise ValueError(f"sums must have the shape of groups {tuple(groups.shape)}, got {_describe(sums)}")
     if counts.dtype != torch.int64:
         raise TypeError(f"counts must be int64, got {_describe(counts)}")
-    if tuple(counts.shape) != (centroids.shape[0],):
-        raise ValueError(f"counts must have shape ({centroids.shape[0]},), got {_describe(counts)}")
-    same_device(centroids=centroids, sums=sums, counts=counts)
+    if tuple(counts.shape) != (groups.shape[0],):
+        raise ValueError(f"counts must have shape ({groups.shape[0]},), got {_describe(counts)}")
+    same_device(groups=groups, sums=sums, counts=counts)
     unit_interval("beta", beta)
 
 
@@ -132,22 +132,22 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_loss(
-    p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str
+    p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, temperature: float, reduction: str
 ) -> None:
     """Validates the loss inputs."""
     features("p", p)
-    features("centroids", centroids)
-    same_device(p=p, centroids=centroids, targets=_tensor("targets", targets))
-    same_dim("p", p, "centroids", centroids)
-    same_dtype("p", p, "centroids", centroids)
-    if centroids.shape[0] < 1:
-        raise ValueError(f"centroids must hold at least one group (K >= 1), got {_describe(centroids)}")
+    features("groups", groups)
+    same_device(p=p, groups=groups, targets=_tensor("targets", targets))
+    same_dim("p", p, "groups", groups)
+    same_dtype("p", p, "groups", groups)
+    if groups.shape[0] < 1:
+        raise ValueError(f"groups must hold at least one group (K >= 1), got {_describe(groups)}")
     if targets.dim() not in (1, 2):
         raise ValueError(f"targets must have shape [N] or [T, N], got {_describe(targets)}")
     if targets.dim() == 2 and targets.shape[0] < 1:
         raise ValueError(f"targets must hold at least one target set (T >= 1), got {_describe(targets)}")
     expected = (p.shape[0],) if targets.dim() == 1 else (targets.shape[0], p.shape[0])
-    group_index("targets", targets, expected, centroids.shape[0])
+    group_index("targets", targets, expected, groups.shape[0])
     positive("temperature", temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -161,7 +161,7 @@ def check_kmeans(x: torch.Tensor, num_groups: int, iters: int, init: torch.Tenso
     if init is None:
         if x.shape[0] < num_groups:
             raise ValueError(
-                f"x must hold at least num_groups={num_groups} rows to draw the initial centroids, "
+                f"x must hold at least num_groups={num_groups} rows to draw the initial groups, "
                 f"got {_describe(x)}"
             )
         return

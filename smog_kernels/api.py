@@ -7,26 +7,22 @@ is assigned to is unspecified. Training code checks the loss instead.
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 
 from smog_kernels import _validate as check
-from smog_kernels._backends import resolve, resolve_for
+from smog_kernels.backend import AUTOGRAD_LOSS, Backend
 from smog_kernels.fused_loss import FusedGroupLoss
 from smog_kernels.kmeans import lloyd
+from smog_kernels.registry import resolve
 
 
-def assign(
-    x: torch.Tensor, centroids: torch.Tensor, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D], centroids [K, D] -> (index int64 [N], score float32 [N]): argmax_k <x_i, c_k>.
+def assign(x: torch.Tensor, groups: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], groups [K, D] -> (index int64 [N], score float32 [N]): argmax_k <x_n, g_k>.
 
     Exact ties go to the smallest k.
     """
-    check.check_assign(x, centroids)
-    _, ops = resolve_for("assign", backend, x, centroids.shape[0])
-    return ops.assign(x, centroids)
+    check.check_assign(x, groups)
+    return resolve(backend, x, groups.shape[0], "assign").assign(x, groups)
 
 
 def group_stats(
@@ -34,63 +30,60 @@ def group_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D], index int64 [N] in [0, K) -> (sums float32 [K, D], counts int64 [K])."""
     check.check_group_stats(x, index, num_groups)
-    _, ops = resolve(backend, x.device)
-    return ops.group_stats(x, index, num_groups)
+    return resolve(backend, x).group_stats(x, index, num_groups)
 
 
 def momentum_update(
-    centroids: torch.Tensor,
+    groups: torch.Tensor,
     sums: torch.Tensor,
     counts: torch.Tensor,
     beta: float,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Rows with count > 0: normalize(beta * c + (1 - beta) * sum / count); others unchanged.
+    """Rows with count > 0: normalize(beta * g + (1 - beta) * sum / count); others unchanged.
 
-    centroids [K, D], sums float32 [K, D], counts int64 [K]; returns [K, D] in centroids' dtype.
+    groups [K, D], sums float32 [K, D], counts int64 [K]; returns [K, D] in groups' dtype.
     """
-    check.check_momentum_update(centroids, sums, counts, beta)
-    _, ops = resolve(backend, centroids.device)
-    return ops.momentum_update(centroids, sums, counts, float(beta))
+    check.check_momentum_update(groups, sums, counts, beta)
+    return resolve(backend, groups).momentum_update(groups, sums, counts, float(beta))
 
 
 def group_contrastive_loss(
     p: torch.Tensor,
-    centroids: torch.Tensor,
+    groups: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     reduction: str = "mean",
-    grad_centroids: bool = False,
+    grad_groups: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Softmax cross-entropy of p @ centroids.T / temperature against each target set.
+    """Softmax cross-entropy of p @ groups.T / temperature against each target set.
 
-    p [N, D], centroids [K, D], targets int64 [N] or [T, N]. reduction "mean" (over T and N), "sum"
-    or "none" (float32, targets' shape). Gradients flow to p, and to centroids if grad_centroids.
+    p [N, D], groups [K, D], targets int64 [N] or [T, N]. reduction "mean" (over T and N), "sum"
+    or "none" (float32, targets' shape). Gradients flow to p, and to groups if grad_groups.
     """
-    check.check_loss(p, centroids, targets, temperature, reduction)
-    wants_grad = torch.is_grad_enabled() and (p.requires_grad or (grad_centroids and centroids.requires_grad))
-    resolved = resolve_for("loss_fwdbwd" if wants_grad else "loss_fwd", backend, p, centroids.shape[0])
-    return run_loss(resolved, p, centroids, targets, temperature, reduction, grad_centroids)
+    check.check_loss(p, groups, targets, temperature, reduction)
+    wants_grad = torch.is_grad_enabled() and (p.requires_grad or (grad_groups and groups.requires_grad))
+    chosen = resolve(backend, p, groups.shape[0], "loss_fwdbwd" if wants_grad else "loss_fwd")
+    return run_loss(chosen, p, groups, targets, temperature, reduction, grad_groups)
 
 
 def run_loss(
-    resolved: tuple[str, ModuleType],
+    backend: Backend,
     p: torch.Tensor,
-    centroids: torch.Tensor,
+    groups: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     reduction: str,
-    grad_centroids: bool,
+    grad_groups: bool,
 ) -> torch.Tensor:
-    """group_contrastive_loss on validated arguments with an already resolved backend (its forward
+    """group_contrastive_loss on validated arguments with an already chosen backend (its forward
     and backward then run on the same backend: the backward reuses the forward's outputs)."""
-    name, ops = resolved
-    if name == "reference":
-        return ops.group_contrastive_loss(p, centroids, targets, temperature, reduction, grad_centroids)
-    if not grad_centroids:
-        centroids = centroids.detach()
-    return FusedGroupLoss.apply(p, centroids, targets, float(temperature), reduction, grad_centroids, ops)
+    if AUTOGRAD_LOSS in backend.capabilities:
+        return backend.group_contrastive_loss(p, groups, targets, temperature, reduction, grad_groups)
+    if not grad_groups:
+        groups = groups.detach()
+    return FusedGroupLoss.apply(p, groups, targets, float(temperature), reduction, grad_groups, backend)
 
 
 def spherical_kmeans(
@@ -104,9 +97,9 @@ def spherical_kmeans(
     """k-means on the unit sphere (inner-product assignment, normalised means), `iters` rounds.
 
     x [N, D]; init [K, D] or None for K distinct rows of x drawn with `seed`. Returns
-    (centroids [K, D] in x's dtype, index int64 [N] of the last assignment). Empty groups keep
-    their centroid.
+    (groups [K, D] in x's dtype, index int64 [N] of the last assignment). An empty group keeps
+    its previous row.
     """
     check.check_kmeans(x, num_groups, iters, init)
-    _, ops = resolve_for("assign", backend, x, num_groups)  # assignment is most of a k-means round
-    return lloyd(ops, x, num_groups, iters, seed, init)
+    chosen = resolve(backend, x, num_groups, "assign")  # assignment is most of a k-means round
+    return lloyd(chosen, x, num_groups, iters, seed, init)

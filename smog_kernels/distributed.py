@@ -43,7 +43,6 @@ With torch.distributed not initialised, or a group of one process, everything is
 from __future__ import annotations
 
 import contextlib
-from types import ModuleType
 from typing import Callable, Iterator
 
 import torch
@@ -51,7 +50,8 @@ import torch.distributed as dist
 
 from smog_kernels import _validate as check
 from smog_kernels import reference
-from smog_kernels._backends import resolve, resolve_for
+from smog_kernels.backend import Backend
+from smog_kernels.registry import resolve
 from smog_kernels.kmeans import lloyd
 
 STRATEGIES = ("auto", "allreduce", "allgather")
@@ -197,7 +197,7 @@ class _GatherRows(torch.autograd.Function):
 # ---- statistics ---------------------------------------------------------------------------------
 
 
-def _local_stats(ops: ModuleType, x: torch.Tensor, index: torch.Tensor, num_groups: int):
+def _local_stats(ops: Backend, x: torch.Tensor, index: torch.Tensor, num_groups: int):
     """group_stats, through the differentiable reference when x needs a gradient."""
     if x.requires_grad and torch.is_grad_enabled():
         return reference.group_stats(x, index, num_groups)
@@ -269,7 +269,7 @@ class GroupStatsSync:
         Gradients flow into x when it requires them (see the module notes for the convention).
         """
         _check_rows(x, index, num_groups)
-        _, ops = resolve(backend, x.device)
+        ops = resolve(backend, x)
         if self.world_size == 1:
             return _local_stats(ops, x, index, num_groups)
         strategy, n_max = self.strategy, self.max_rows
@@ -321,7 +321,7 @@ def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
     total = sum(sizes)
     if total < num_groups:
         raise ValueError(
-            f"the ranks hold {total} rows in all ({sizes}), fewer than num_groups={num_groups} initial centroids"
+            f"the ranks hold {total} rows in all ({sizes}), fewer than num_groups={num_groups} initial groups"
         )
     generator = torch.Generator().manual_seed(seed0)
     rows = torch.randperm(total, generator=generator)[:num_groups]  # as initial_centroids on the union
@@ -329,7 +329,7 @@ def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
     mine = (rows >= start) & (rows < start + x.shape[0])
     init = torch.zeros(num_groups, x.shape[1], dtype=torch.float32, device=x.device)
     init[mine.to(x.device)] = x[(rows[mine] - start).to(x.device)].float()
-    return _all_reduce(init, "all-reduce of initial centroids", group)
+    return _all_reduce(init, "all-reduce of initial groups", group)
 
 
 def spherical_kmeans(
@@ -346,12 +346,12 @@ def spherical_kmeans(
     x_local [n, D] (n may differ between ranks, or be 0). init [K, D]: rank 0's is broadcast; None
     draws K distinct rows of the union in rank order with rank 0's `seed`, exactly as the
     single-process `smog_kernels.spherical_kmeans` on the concatenation would. Every iteration
-    all-reduces the statistics. Returns (centroids [K, D] in x's dtype, identical on all ranks;
+    all-reduces the statistics. Returns (groups [K, D] in x's dtype, identical on all ranks;
     index int64 [n] of this rank's rows from the last assignment).
     """
     if world_size(group) == 1:
         check.check_kmeans(x_local, num_groups, iters, init)
-        _, ops = resolve_for("assign", backend, x_local, num_groups)  # as smog_kernels.spherical_kmeans
+        ops = resolve(backend, x_local, num_groups, "assign")  # as smog_kernels.spherical_kmeans
         return lloyd(ops, x_local, num_groups, iters, seed, init)
     check.features("x_local", x_local)
     check.num_groups_at_least_one("num_groups", num_groups)
@@ -359,7 +359,7 @@ def spherical_kmeans(
         raise ValueError(f"iters must be an int >= 1, got {iters!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    _, ops = resolve(backend, x_local.device)  # not by this rank's row count: the same backend on every rank
+    ops = resolve(backend, x_local)  # not by this rank's row count: the same backend on every rank
     if init is None:
         start = _global_initial_rows(x_local, num_groups, seed, group)
     else:
@@ -368,7 +368,7 @@ def spherical_kmeans(
             raise ValueError(f"init must have shape ({num_groups}, {x_local.shape[1]}), got {tuple(init.shape)}")
         check.same_device(x_local=x_local, init=init)
         start = init.float().contiguous().clone()
-        _collective("broadcast of initial centroids", group,
+        _collective("broadcast of initial groups", group,
                     lambda: dist.broadcast(start, src=0 if group is None else dist.get_global_rank(group, 0), group=group))
     return lloyd(ops, x_local, num_groups, iters, init=start, reduce_stats=GroupStatsSync(group, "allreduce"))
 

@@ -50,7 +50,7 @@ def measure(backend: str, device: str, dtype: torch.dtype, n: int, k: int, d: in
         loss = fn(pp, cc, targets, 0.1, "mean", True)
         loss.backward()
         results.append((loss.detach(), pp.grad, cc.grad))
-    for name, got, want in zip(("loss", "dloss/dp", "dloss/dcentroids"), *results):
+    for name, got, want in zip(("loss", "dloss/dp", "dloss/dgroups"), *results):
         errors[name] = rel_err(got, want)
 
     init = _unit(min(k, n), d, dtype, device, gen)
@@ -92,13 +92,13 @@ def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, 
         want = ref.group_contrastive_loss(p, updated.to(dtype), out.targets, 0.1)
         want.backward()
         errors[f"{name} loss"] = rel_err(out.loss, want)
-        errors[f"{name} groups"] = rel_err(out.centroids, updated)
+        errors[f"{name} groups"] = rel_err(out.groups, updated)
         errors[f"{name} dloss/dp"] = rel_err(grad, p.grad)
         if device == "cuda" and name == "step":
             graphed = sk.GraphedGroupingStep(0.1, backend=backend)
             replay, replay_grad = run(lambda g, t, z, q: graphed(g, t, z, q, 0.99), groups)
             errors["graphed step loss"] = rel_err(replay.loss, out.loss)
-            errors["graphed step groups"] = rel_err(replay.centroids, out.centroids)
+            errors["graphed step groups"] = rel_err(replay.groups, out.groups)
             errors["graphed step dloss/dp"] = rel_err(replay_grad, grad)
     return errors
 

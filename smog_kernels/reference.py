@@ -1,4 +1,5 @@
-"""Plain-PyTorch versions of every op of the kernel contract: the specification in code.
+"""The "reference" backend: plain-PyTorch versions of every op of smog_kernels.backend.Backend, the
+specification in code.
 
 Vectorised (matrix products, index_add_), no loop over groups, and short enough to be
 obviously right. They materialise the N x K score matrix, which is what the fused backends avoid.
@@ -7,11 +8,10 @@ their arguments before calling these.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 
+from smog_kernels.backend import AUTOGRAD_LOSS
 from smog_kernels.kmeans import lloyd
 
 
@@ -20,12 +20,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D], centroids [K, D] -> (index int64 [N], score float32 [N]) of argmax_k <x_i, c_k>.
+def assign(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D], groups [K, D] -> (index int64 [N], score float32 [N]) of argmax_k <x_i, c_k>.
 
     Exact ties go to the smallest k (torch.max returns the first maximal index).
     """
-    scores = _wide(x) @ _wide(centroids).T
+    scores = _wide(x) @ _wide(groups).T
     score, index = scores.max(dim=1)
     return index, score
 
@@ -44,35 +44,52 @@ def group_stats(
 
 
 def momentum_update(
-    centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float
+    groups: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """Rows with count > 0 become normalize(beta * c + (1 - beta) * sum / count); others stay."""
-    c = _wide(centroids)
+    c = _wide(groups)
     mean = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
     moved = F.normalize(beta * c + (1.0 - beta) * mean, dim=1)
-    return torch.where((counts > 0).unsqueeze(1), moved, c).to(centroids.dtype)
+    return torch.where((counts > 0).unsqueeze(1), moved, c).to(groups.dtype)
 
 
 def group_contrastive_loss(
     p: torch.Tensor,
-    centroids: torch.Tensor,
+    groups: torch.Tensor,
     targets: torch.Tensor,
     temperature: float,
     reduction: str = "mean",
-    grad_centroids: bool = False,
+    grad_groups: bool = False,
 ) -> torch.Tensor:
-    """Softmax cross-entropy of p @ centroids.T / temperature against targets [N] or [T, N].
+    """Softmax cross-entropy of p @ groups.T / temperature against targets [N] or [T, N].
 
     Every target set is scored against the same logits. reduction "mean" averages over T and N,
     "sum" adds them, "none" returns float32 [N] for targets [N] and [T, N] for targets [T, N].
-    Without grad_centroids no gradient flows into the centroids.
+    Without grad_groups no gradient flows into the groups.
     """
-    if not grad_centroids:
-        centroids = centroids.detach()
-    log_prob = F.log_softmax(_wide(p) @ _wide(centroids).T / temperature, dim=1)  # [N, K]
+    if not grad_groups:
+        groups = groups.detach()
+    log_prob = F.log_softmax(_wide(p) @ _wide(groups).T / temperature, dim=1)  # [N, K]
     targets_2d = targets.unsqueeze(0) if targets.dim() == 1 else targets
     per_target = -log_prob.gather(1, targets_2d.T).T  # [T, N]
     return reduce_per_target(per_target, reduction, targets.shape)
+
+
+def loss_forward(
+    p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """targets [T, N] -> (lse [N], target_logits [T, N], attention [N, D]) of logits <p, g> * inv_temperature;
+    attention[n] = sum_k softmax_nk g_k."""
+    logits = _wide(p) @ _wide(groups).T * inv_temperature  # [N, K]
+    return logits.logsumexp(1), logits.gather(1, targets.T).T, logits.softmax(1) @ _wide(groups)
+
+
+def loss_group_grad(
+    p: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor, row_weight: torch.Tensor, inv_temperature: float
+) -> torch.Tensor:
+    """[K, D] = inv_temperature * sum_n row_weight[n] softmax_nk p_n, softmax_nk = exp(logit_nk - lse_n)."""
+    softmax = (_wide(p) @ _wide(groups).T * inv_temperature - lse.unsqueeze(1)).exp()  # [N, K]
+    return inv_temperature * (softmax * row_weight.unsqueeze(1)).T @ _wide(p)
 
 
 def reduce_per_target(per_target: torch.Tensor, reduction: str, target_shape: torch.Size) -> torch.Tensor:
@@ -93,8 +110,32 @@ def spherical_kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means on the unit sphere: E-step = assign, M-step = normalised group mean, `iters` rounds.
 
-    init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (centroids [K, D] in
+    init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (groups [K, D] in
     x's dtype, index int64 [N]); index is the last E-step's assignment, i.e. the membership whose
-    means gave the returned centroids. Empty groups keep their centroid.
+    means gave the returned groups. Empty groups keep their centroid.
     """
-    return lloyd(sys.modules[__name__], x, num_groups, iters, seed, init)
+    return lloyd(REFERENCE, x, num_groups, iters, seed, init)
+
+
+class Reference:
+    """The module's functions as a Backend object; the loss runs under autograd (AUTOGRAD_LOSS)."""
+
+    name = "reference"
+    capabilities = frozenset({AUTOGRAD_LOSS})
+    assign = staticmethod(assign)
+    group_stats = staticmethod(group_stats)
+    momentum_update = staticmethod(momentum_update)
+    loss_forward = staticmethod(loss_forward)
+    loss_group_grad = staticmethod(loss_group_grad)
+    group_contrastive_loss = staticmethod(group_contrastive_loss)
+
+    @staticmethod
+    def available() -> bool:
+        return True
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return True
+
+
+REFERENCE = Reference()

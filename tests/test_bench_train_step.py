@@ -1,4 +1,4 @@
-"""`smog bench train` on a tiny digits config: every phase of every variant is timed, the phases tile the
+"""bench/train_step on a tiny digits config: every phase of every variant is timed, the phases tile the
 step, and the JSON/PNG land where promised. No timing thresholds."""
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from smog.benchmarks import train_step
-from smog.cli import main as smog_main
+from bench import train_step
 
 TINY = ["data.train_subset=128", "train.batch_size=32", "data.small_crops=1", "method.groups=8",
         "train.out_dir=OUT"]
@@ -46,7 +45,7 @@ def test_every_phase_of_every_variant_is_timed_and_the_phases_tile_the_step(tmp_
 
 def test_the_command_writes_json_and_png(tmp_path, capsys):
     out = tmp_path / "results"
-    code = smog_main(["bench", "train", "--config", "digits", "--steps", "1", "--warmup", "0",
+    code = train_step.main(["--config", "digits", "--steps", "1", "--warmup", "0",
                       "--compare", "model.channels_last=false,true", "--out", str(out), *tiny(tmp_path)])
     assert code == 0
     stem = out / "train_step_digits_model.channels_last"
@@ -59,5 +58,5 @@ def test_the_command_writes_json_and_png(tmp_path, capsys):
 
 
 def test_a_bad_compare_is_a_usage_error(capsys):
-    assert smog_main(["bench", "train", "--config", "digits", "--compare", "model.channels_last=true"]) == 2
+    assert train_step.main(["--config", "digits", "--compare", "model.channels_last=true"]) == 2
     assert "at least two values" in capsys.readouterr().err

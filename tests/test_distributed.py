@@ -95,7 +95,7 @@ def local_loss(groups: torch.Tensor, updated: torch.Tensor, targets: torch.Tenso
     t, n, _ = targets.shape
     index = ref.assign(targets.reshape(t * n, D), groups)[0].view(t, n)
     return ref.group_contrastive_loss(predictions.reshape(-1, D), updated, index.repeat(1, VIEWS), TAU,
-                                      grad_centroids=True)
+                                      grad_groups=True)
 
 
 # ---- what each rank runs ----------------------------------------------------------------------
@@ -139,7 +139,7 @@ def run_grad(rank: int, world: int, seed: int, device: str) -> dict:
         update = share(data["update"], m_sizes, rank).clone().requires_grad_()
         predictions = share(data["predictions"], n_sizes, rank, dim=1).clone().requires_grad_()
         if path == "hook":
-            loss = grouping_step(data["groups"], targets, update, predictions, BETA, TAU, grad_centroids=True,
+            loss = grouping_step(data["groups"], targets, update, predictions, BETA, TAU, grad_groups=True,
                                  reduce_stats=skd.make_stats_reducer()).loss
         else:
             index = ref.assign(update.detach(), data["groups"])[0]

@@ -180,7 +180,7 @@ def test_large_k_memory_stays_far_below_the_score_matrix(op):
             sums, counts = sk.group_stats(x, index, {k}, backend="cpu")
             sk.momentum_update(c, sums, counts, 0.99, backend="cpu")
         else:
-            sk.group_contrastive_loss(p, cc, t, 0.1, grad_centroids=True, backend="cpu").backward()
+            sk.group_contrastive_loss(p, cc, t, 0.1, grad_groups=True, backend="cpu").backward()
         print(json.dumps({{"extra": status("VmHWM:") - before}}))
     """
     extra = _in_subprocess(code)["extra"]
@@ -230,6 +230,18 @@ def test_kernel_benchmark_runs(tmp_path):
     timed = {(r["op"], r["impl"]) for r in report["results"] if "median_s" in r}
     for op in kernels.OPS:
         assert (op, "fused") in timed and (op, "reference") in timed
+    assert {(kernels.LOSS_T1, "torch chunked CE"), (kernels.LOSS_T2, "torch chunked CE")} <= timed
     assert all(r["median_s"] > 0 for r in report["results"] if "median_s" in r)
     assert report["kmeans"]["results"]["fused"]["median_s"] > 0
     assert {t["target"] for t in report["targets"]} >= {"assign: fused / one bare product"}
+
+
+def test_the_torch_cross_entropy_peer_computes_smogs_loss():
+    """The benchmark's torch.nn.functional.linear_cross_entropy case (rows repeated per target set) does
+    the same work as smog's loss: the same gradient to p, with one and with two target sets."""
+    from smog.benchmarks import kernels
+
+    for op in (kernels.LOSS_T1, kernels.LOSS_T2):
+        peer = kernels.make_case(op, "torch chunked CE", 300, 40, 16)()
+        reference = kernels.make_case(op, "reference", 300, 40, 16)()
+        assert (peer - reference).abs().max() <= 1e-6 * reference.abs().max(), op

@@ -112,14 +112,14 @@ def test_momentum_update_matches_reference(backend, device, size, dtype, beta, g
         assert bool(((norms - 1).abs() <= 10 * REL_TOL[dtype]).all()), "updated groups are not unit-norm"
 
 
-def _loss_and_grads(fn, p, c, targets, temperature, reduction, grad_centroids):
+def _loss_and_grads(fn, p, c, targets, temperature, reduction, grad_groups):
     p = p.detach().clone().requires_grad_(True)
-    c = c.detach().clone().requires_grad_(grad_centroids)
-    loss = fn(p, c, targets, temperature, reduction, grad_centroids)
+    c = c.detach().clone().requires_grad_(grad_groups)
+    loss = fn(p, c, targets, temperature, reduction, grad_groups)
     # random upstream weights so that "none" is checked row by row
     upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.device)
     (loss * upstream).sum().backward()
-    return loss.detach(), p.grad, (c.grad if grad_centroids else None), upstream
+    return loss.detach(), p.grad, (c.grad if grad_groups else None), upstream
 
 
 def grad_err(got: torch.Tensor, want: torch.Tensor, bound: float) -> float:
@@ -134,8 +134,8 @@ def grad_err(got: torch.Tensor, want: torch.Tensor, bound: float) -> float:
 @pytest.mark.parametrize("backend,device,size", fused_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_targets", [1, 2], ids=["T1", "T2"])
-@pytest.mark.parametrize("grad_centroids", [False, True], ids=["detached", "grad-centroids"])
-def test_loss_and_gradients_match_reference(backend, device, size, dtype, num_targets, grad_centroids, generator):
+@pytest.mark.parametrize("grad_groups", [False, True], ids=["detached", "grad-groups"])
+def test_loss_and_gradients_match_reference(backend, device, size, dtype, num_targets, grad_groups, generator):
     require(backend)
 
     def fused(*args):
@@ -148,18 +148,18 @@ def test_loss_and_gradients_match_reference(backend, device, size, dtype, num_ta
         if num_targets == 1:
             targets = targets[0]
         temperature = 0.1
-        got = _loss_and_grads(fused, p, c, targets, temperature, reduction, grad_centroids)
-        want = _loss_and_grads(ref.group_contrastive_loss, p, c, targets, temperature, reduction, grad_centroids)
+        got = _loss_and_grads(fused, p, c, targets, temperature, reduction, grad_groups)
+        want = _loss_and_grads(ref.group_contrastive_loss, p, c, targets, temperature, reduction, grad_groups)
         tol = REL_TOL[dtype]
         assert got[0].shape == want[0].shape and got[0].dtype == torch.float32
         assert rel_err(got[0], want[0]) <= tol, f"loss at {(n, k, d)}"
         assert got[1].dtype == dtype
         assert rel_err(got[1], want[1]) <= tol, f"dL/dp at {(n, k, d)}"
-        if grad_centroids:
+        if grad_groups:
             # ||dL/dC|| <= 2 / temperature * sum over (t, b) of the upstream weight of that loss
             terms = num_targets * n if reduction == "sum" else 1  # upstream is one scalar unless "none"
             bound = 2.0 / temperature * float(got[3].sum()) * terms
-            assert grad_err(got[2], want[2], bound) <= tol, f"dL/dcentroids at {(n, k, d)}"
+            assert grad_err(got[2], want[2], bound) <= tol, f"dL/dgroups at {(n, k, d)}"
 
 
 @pytest.mark.parametrize("backend,device,size", fused_backends())
@@ -209,8 +209,8 @@ STEP_DTYPES = [pytest.param(d, d, id=str(d)) for d in DTYPES] + [
 
 @pytest.mark.parametrize("backend,device,size", fused_backends())
 @pytest.mark.parametrize("dtype,groups_dtype", STEP_DTYPES)
-@pytest.mark.parametrize("grad_centroids", [False, True], ids=["detached", "grad-centroids"])
-def test_grouping_step_matches_reference(backend, device, size, dtype, groups_dtype, grad_centroids, generator):
+@pytest.mark.parametrize("grad_groups", [False, True], ids=["detached", "grad-groups"])
+def test_grouping_step_matches_reference(backend, device, size, dtype, groups_dtype, grad_groups, generator):
     """The whole step of one head (fused first pass where the backend has one): its assignments are
     argmaxes, and statistics, update, loss and gradients equal the reference built on them. With
     float32 groups and 16-bit rows, assignments and loss use the groups rounded to the rows' dtype and
@@ -221,7 +221,7 @@ def test_grouping_step_matches_reference(backend, device, size, dtype, groups_dt
     target_rows = unit_rows(2 * n, d, dtype, device, generator).view(2, n, d)
     update_rows = unit_rows(n, d, dtype, device, generator).requires_grad_()
     predictions = unit_rows(3 * n, d, dtype, device, generator).view(3, n, d).requires_grad_()
-    step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.9, 0.1, grad_centroids, backend=backend)
+    step = sk.grouping_step(g, target_rows, update_rows, predictions, 0.9, 0.1, grad_groups, backend=backend)
     step.loss.backward()
     got_dp, got_dz = predictions.grad, update_rows.grad
     predictions.grad = update_rows.grad = None
@@ -230,16 +230,16 @@ def test_grouping_step_matches_reference(backend, device, size, dtype, groups_dt
     for t in range(2):
         check_assignment(target_rows[t], rounded, step.targets[t], ref.assign(target_rows[t], rounded)[1], dtype)
     check_assignment(update_rows.detach(), rounded, step.index, ref.assign(update_rows.detach(), rounded)[1], dtype)
-    sums, counts = ref.group_stats(update_rows if grad_centroids else update_rows.detach(), step.index, k)
+    sums, counts = ref.group_stats(update_rows if grad_groups else update_rows.detach(), step.index, k)
     updated = ref.momentum_update(g, sums, counts, 0.9)
     loss = torch.stack([ref.group_contrastive_loss(predictions[v], updated.to(dtype), step.targets, 0.1, "mean",
-                                                   grad_centroids) for v in range(3)]).mean()
+                                                   grad_groups) for v in range(3)]).mean()
     loss.backward()
-    assert step.centroids.dtype == groups_dtype and torch.equal(step.counts, counts)
-    assert rel_err(step.centroids, updated) <= max(REL_TOL[groups_dtype], 1e-5)
+    assert step.groups.dtype == groups_dtype and torch.equal(step.counts, counts)
+    assert rel_err(step.groups, updated) <= max(REL_TOL[groups_dtype], 1e-5)
     assert rel_err(step.loss, loss) <= REL_TOL[dtype]
     assert rel_err(got_dp, predictions.grad) <= REL_TOL[dtype]
-    if grad_centroids:
+    if grad_groups:
         assert rel_err(got_dz, update_rows.grad) <= REL_TOL[dtype]
     else:
         assert got_dz is None and update_rows.grad is None

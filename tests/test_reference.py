@@ -65,7 +65,7 @@ def test_reference_loss_gradcheck(reduction, num_targets, generator):
     targets = torch.randint(0, 4, (num_targets, 6), generator=generator).squeeze(0)
 
     def loss(p, c):
-        return ref.group_contrastive_loss(p, c, targets, 0.3, reduction, grad_centroids=True)
+        return ref.group_contrastive_loss(p, c, targets, 0.3, reduction, grad_groups=True)
 
     assert torch.autograd.gradcheck(loss, (p, c))
 
@@ -100,5 +100,5 @@ def test_grouping_step_follows_the_spec_order(generator):
               for t in range(2) for v in range(3)]
     assert torch.equal(step.targets, targets) and torch.equal(step.index, index)
     assert torch.equal(step.counts, counts)
-    assert torch.allclose(step.centroids, updated)
+    assert torch.allclose(step.groups, updated)
     assert torch.allclose(step.loss, torch.stack(losses).mean())

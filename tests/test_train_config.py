@@ -1,4 +1,4 @@
-"""Configs: packaged recipes mirror configs/, load and check; `base` inheritance; bad keys/values and missing
+"""Configs: packaged recipes load and check; `base` inheritance; bad keys/values and missing
 data give clear errors."""
 from __future__ import annotations
 
@@ -16,24 +16,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGED = os.path.join(REPO, "smog", "configs")
 
 
-def test_configs_folder_mirrors_the_packaged_recipes():
-    """smog/configs/ is the source of truth (shipped in the wheel); configs/ holds identical copies."""
-    names = sorted(n for n in os.listdir(os.path.join(REPO, "configs")) if n.endswith(".yaml"))
-    assert names == sorted(n + ".yaml" for n in packaged_configs())
-    for name in names:
-        with open(os.path.join(REPO, "configs", name)) as a, open(os.path.join(PACKAGED, name)) as b:
-            assert a.read() == b.read(), f"configs/{name} differs from smog/configs/{name}: copy it over"
-
-
 @pytest.mark.parametrize("name", packaged_configs())
 def test_every_packaged_recipe_loads(name):
     assert load_config(name).name == name
 
 
 @pytest.mark.parametrize("name", packaged_configs())
-def test_the_configs_folder_copies_load_to_the_same_recipe(name):
-    """configs/ copies resolve their `base` too (a bare name is the packaged recipe) and give the same config."""
-    assert load_config(os.path.join(REPO, "configs", name + ".yaml")) == load_config(name)
+def test_a_recipe_loaded_by_path_is_the_recipe_loaded_by_name(name):
+    """A YAML path resolves its `base` too (a bare name is the packaged recipe) and gives the same config."""
+    assert load_config(os.path.join(PACKAGED, name + ".yaml")) == load_config(name)
 
 
 def _flat(values: dict) -> dict:

@@ -117,7 +117,7 @@ def test_centroid_grad_row_splits(device, dtype, splits, split, generator):
     targets = torch.randint(0, k, (1, n), generator=generator).to(device)
     lse, _, _ = T.loss_forward(p, c, targets, 10.0)
     weight = torch.rand(n, generator=generator).to(device) - 0.3  # signed weights
-    got = T.loss_centroid_grad(p, c, lse, weight, 10.0)
+    got = T.loss_group_grad(p, c, lse, weight, 10.0)
     _, _, _, soft = f64_loss_parts(p, c, targets, 10.0)
     want = 10.0 * (weight.double().cpu().unsqueeze(1) * soft).T @ p.double().cpu()
     assert got.dtype == torch.float32 and got.shape == (k, d)
@@ -133,7 +133,7 @@ def test_centroid_grad_float16_tiny_weights_do_not_underflow(device, generator):
     targets = torch.randint(0, k, (1, n), generator=generator).to(device)
     lse, _, _ = T.loss_forward(p, c, targets, 10.0)
     weight = torch.full((n,), 1e-9, device=device)
-    got = T.loss_centroid_grad(p, c, lse, weight, 10.0)
+    got = T.loss_group_grad(p, c, lse, weight, 10.0)
     _, _, _, soft = f64_loss_parts(p, c, targets, 10.0)
     want = 10.0 * 1e-9 * soft.T @ p.double().cpu()
     assert rel_err(got, want) <= REL_TOL[torch.float16]
@@ -269,7 +269,7 @@ def test_cuda_graph_capture_of_a_step(dtype, generator):
 
     def step():
         index, updated, lse, tlog, att = grouping_step(x, c, targets, n // 2)
-        return index, updated, lse, tlog, att, T.loss_centroid_grad(x, updated, lse, weight, 10.0)
+        return index, updated, lse, tlog, att, T.loss_group_grad(x, updated, lse, weight, 10.0)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -303,7 +303,7 @@ def test_loss_holds_no_n_by_k_buffer(n, k, d, generator):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     lse, _, _ = T.loss_forward(p, c, targets, 10.0)
-    T.loss_centroid_grad(p, c, lse, weight, 10.0)
+    T.loss_group_grad(p, c, lse, weight, 10.0)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < 2 * (n + k) * d * 4 + 64 * 2**20, f"{extra / 2**20:.1f} MiB extra"
@@ -325,7 +325,7 @@ def test_kernels_compile_for_hopper_without_spills():
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton has no bundled ptxas")
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "smog_kernels.triton.aot_check", "--cap", "90", "--dtypes", "bf16",
+    out = subprocess.run([sys.executable, "tools/triton_aot_check.py", "--cap", "90", "--dtypes", "bf16",
                           "--dims", "128,256", "--strict"], capture_output=True, text=True, timeout=900, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr

@@ -25,12 +25,12 @@ IDX = torch.tensor([0, 1, 2, 0, 1, 2])
     "args,error,words",
     [
         ((X[0], C), ValueError, ["x", "2 dimensions", "(4,)"]),
-        ((X, C[0]), ValueError, ["centroids", "2 dimensions"]),
+        ((X, C[0]), ValueError, ["groups", "2 dimensions"]),
         ((X, rows(3, 5)), ValueError, ["feature dimension", "(6, 4)", "(3, 5)"]),
         ((X.double(), C), TypeError, ["x", "float64"]),
         ((X.long(), C), TypeError, ["x", "int64"]),
-        ((X, C.half()), TypeError, ["x", "centroids", "same dtype"]),
-        ((X, C[:0]), ValueError, ["centroids", "K >= 1", "(0, 4)"]),
+        ((X, C.half()), TypeError, ["x", "groups", "same dtype"]),
+        ((X, C[:0]), ValueError, ["groups", "K >= 1", "(0, 4)"]),
         (("not a tensor", C), TypeError, ["x", "torch.Tensor"]),
     ],
 )
@@ -95,7 +95,7 @@ TARGETS = torch.tensor([0, 1, 2, 0, 1, 2])
         ((X, C, TARGETS[:4], 0.1), {}, ValueError, ["targets", "(6,)", "(4,)"]),
         ((X, C, TARGETS.view(1, 1, 6), 0.1), {}, ValueError, ["targets", "[T, N]", "(1, 1, 6)"]),
         ((X, C, TARGETS.float(), 0.1), {}, TypeError, ["targets", "int64"]),
-        ((X, rows(3, 5), TARGETS, 0.1), {}, ValueError, ["p", "centroids", "feature dimension"]),
+        ((X, rows(3, 5), TARGETS, 0.1), {}, ValueError, ["p", "groups", "feature dimension"]),
         ((X.double(), C, TARGETS, 0.1), {}, TypeError, ["p", "float64"]),
         ((X, C, TARGETS, 0.1), {"reduction": "max"}, ValueError, ["reduction", "'max'"]),
     ],
@@ -142,7 +142,7 @@ def test_grouping_step_dtype_rules():
     t16, z16, p16 = rows(6, 4, torch.bfloat16).view(2, 3, 4), rows(3, 4, torch.bfloat16), rows(3, 4, torch.bfloat16)
     with pytest.raises(TypeError, match="target_rows.*update_rows.*same dtype"):
         sk.grouping_step(C, t16, rows(3, 4), p16.view(1, 3, 4), 0.99, 0.1)
-    with pytest.raises(TypeError, match="centroids.*float32 master"):
+    with pytest.raises(TypeError, match="groups.*float32 master"):
         sk.grouping_step(C.half(), t16, z16, p16.view(1, 3, 4), 0.99, 0.1)
     out = sk.grouping_step(C, t16, z16, p16.view(1, 3, 4), 0.99, 0.1)  # float32 groups, bfloat16 rows
-    assert out.centroids.dtype == torch.float32
+    assert out.groups.dtype == torch.float32

@@ -1,15 +1,14 @@
-"""`smog bench NAME`: the benchmarks behind bench/. Each writes JSON (and PNG where a curve helps)."""
+"""`smog bench NAME`: the kernel benchmarks a user runs on their own hardware. (Training, accuracy and
+distributed benchmarks, and peers' re-implementations, are development tools in the repository's bench/.)"""
 from __future__ import annotations
 
 import importlib
 import sys
 
 SUITES = {
-    "kernels": "smog.benchmarks.kernels",        # fused vs reference vs torch.mm vs peers (CPU)
-    "gpu": "smog.benchmarks.gpu",                # the same on a CUDA GPU (bench/gpu_check)
-    "distributed": "smog.benchmarks.distributed",  # statistics reduction strategies over processes
-    "accuracy": "smog.benchmarks.accuracy",      # smog vs lightly's SMoG recipe, kNN accuracy
-    "train": "smog.benchmarks.train_step",       # one training step's time by phase, variants side by side
+    "kernels": "smog.benchmarks.kernels",  # fused vs reference vs torch.mm vs torch's chunked cross-entropy (CPU)
+    "gpu": "smog.benchmarks.gpu",          # the same on a CUDA GPU
+    "tune": "smog.benchmarks.tune",        # time auto's candidates on this GPU; writes the table auto reads
 }
 
 

@@ -1,5 +1,5 @@
-"""`smog bench gpu`: the grouping step on a CUDA GPU, fused kernels vs the reference vs lightly's
-SMoGPrototypes vs bare torch.mm.
+"""`smog bench gpu`: the grouping step on a CUDA GPU, fused kernels vs the reference vs torch's chunked
+linear cross-entropy vs lightly's SMoGPrototypes vs bare torch.mm.
 
 For (N, K, D) in {(4096, 3000, 128), (4096, 65536, 128), (32768, 65536, 256)} x {bfloat16, float32}
 it times (median, CUDA events through triton.testing.do_bench) and measures the peak extra memory
@@ -8,6 +8,7 @@ it times (median, CUDA events through triton.testing.do_bench) and measures the 
   assign        argmax assignment of N rows
   loss_fwd      the group contrastive loss (2 target sets), forward only
   loss_fwdbwd   forward + backward to p (the default: no gradient into the groups)
+  loss_fwdbwd_t1  the same with one target set
   step          the whole grouping step of one head: assign the 2 x N target rows (momentum
                 network) and the N update rows (online network), group statistics of the update
                 rows, momentum update, loss forward + backward against the updated groups
@@ -20,9 +21,12 @@ it times (median, CUDA events through triton.testing.do_bench) and measures the 
                 with the host)
 
 for each method: "triton" (and "cuda" where the extension has CUDA kernels), "reference"
-(smog_kernels.reference), "lightly" (lightly.models.modules.heads.SMoGPrototypes, when importable)
-and "torch.mm" (the bare products: p @ C^T for the forward, plus softmax @ C for the backward).
-TFLOP/s counts the useful products: 2NKD for assign and loss_fwd, 4NKD for loss_fwdbwd,
+(smog_kernels.reference), "torch_ce" (torch.nn.functional.linear_cross_entropy with
+LinearCrossEntropyOptions(), on (p, G / temperature): one target per row, so two target sets are one
+call on the rows repeated twice, twice the products of one set), "lightly"
+(lightly.models.modules.heads.SMoGPrototypes, when importable) and "torch.mm" (the bare products:
+p @ C^T for the forward, plus softmax @ C for the backward).
+TFLOP/s counts the useful products: 2NKD for assign and loss_fwd, 4NKD for loss_fwdbwd(_t1),
 2(3N)KD + 4NKD for the step; "of_mm" is that rate over torch.mm's measured rate for the same
 products at the same shapes. Each configuration also checks the fused results against the
 reference (relative errors in the JSON).
@@ -31,7 +35,7 @@ A host-time profile follows on a GPU (--no-profile skips it): for the eager step
 and the loss at (4096, 65536, 128), bfloat16, the host time per call, the GPU kernels per call and
 their GPU time, and the ops with the most host time ("host_profile" in the JSON).
 
-assign/loss rows of the fused backends call the backend modules directly, without the public API's
+assign/loss rows of the fused backends call the Backend objects directly, without the public API's
 argument checks (they read index ranges back to the host); the step rows go through the public
 smog_kernels.step.grouping_step, whose checks need no host synchronisation.
 
@@ -58,7 +62,8 @@ import torch.nn.functional as F
 SHAPES = [(4096, 3000, 128), (4096, 65536, 128), (32768, 65536, 256)]
 TINY_SHAPES = [(40, 37, 24), (33, 70, 16)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-OPS = ("assign", "loss_fwd", "loss_fwdbwd", "step", "step_graphed", "step_graph")
+OPS = ("assign", "loss_fwd", "loss_fwdbwd", "loss_fwdbwd_t1", "step", "step_graphed", "step_graph")
+LOSS_GRAD_OPS = ("loss_fwdbwd", "loss_fwdbwd_t1")
 STEP_OPS = ("step", "step_graphed", "step_graph")
 TEMPERATURE = 0.1
 BETA = 0.99
@@ -140,7 +145,7 @@ def grouping_step_fn(pb: Problem, backend: str):
     out = grouping_step(pb.c, pb.z_targets.view(2, pb.n, pb.d), pb.z_update, pb.p.view(1, pb.n, pb.d),
                         BETA, TEMPERATURE, backend=backend)
     out.loss.backward()
-    return out.loss, out.centroids, out.targets, out.index
+    return out.loss, out.groups, out.targets, out.index
 
 
 def graphed_step_fn(pb: Problem, backend: str):
@@ -152,7 +157,7 @@ def graphed_step_fn(pb: Problem, backend: str):
     def run():
         out = step(pb.c, pb.z_targets.view(2, pb.n, pb.d), pb.z_update, pb.p.view(1, pb.n, pb.d), BETA)
         out.loss.backward()
-        return out.loss, out.centroids, out.targets, out.index
+        return out.loss, out.groups, out.targets, out.index
 
     return run
 
@@ -177,28 +182,28 @@ def graphed(fn, grads):
     return graph.replay
 
 
-def fused_fns(pb: Problem, module, name: str) -> dict:
+def fused_fns(pb: Problem, backend, name: str) -> dict:
     from smog_kernels.fused_loss import FusedGroupLoss
 
     n = pb.n
 
     def loss(p, c, targets):
-        return FusedGroupLoss.apply(p, c, targets, TEMPERATURE, "mean", False, module)
+        return FusedGroupLoss.apply(p, c, targets, TEMPERATURE, "mean", False, backend)
 
     def loss_fwd():
         with torch.no_grad():
             return loss(pb.p, pb.c, pb.targets)
 
-    def loss_fwdbwd():
-        out = loss(pb.p, pb.c, pb.targets)
+    def loss_fwdbwd(targets=pb.targets):
+        out = loss(pb.p, pb.c, targets)
         out.backward()
         return out
 
     def step():
         return grouping_step_fn(pb, name)
 
-    return {"assign": lambda: module.assign(pb.z_update, pb.c), "loss_fwd": loss_fwd,
-            "loss_fwdbwd": loss_fwdbwd, "step": step}
+    return {"assign": lambda: backend.assign(pb.z_update, pb.c), "loss_fwd": loss_fwd,
+            "loss_fwdbwd": loss_fwdbwd, "loss_fwdbwd_t1": lambda: loss_fwdbwd(pb.targets[:1]), "step": step}
 
 
 def reference_fns(pb: Problem) -> dict:
@@ -206,8 +211,8 @@ def reference_fns(pb: Problem) -> dict:
 
     n = pb.n
 
-    def loss_fwdbwd():
-        out = ref.group_contrastive_loss(pb.p, pb.c, pb.targets, TEMPERATURE)
+    def loss_fwdbwd(targets=pb.targets):
+        out = ref.group_contrastive_loss(pb.p, pb.c, targets, TEMPERATURE)
         out.backward()
         return out
 
@@ -219,7 +224,27 @@ def reference_fns(pb: Problem) -> dict:
         return grouping_step_fn(pb, "reference")
 
     return {"assign": lambda: ref.assign(pb.z_update, pb.c), "loss_fwd": loss_fwd,
-            "loss_fwdbwd": loss_fwdbwd, "step": step}
+            "loss_fwdbwd": loss_fwdbwd, "loss_fwdbwd_t1": lambda: loss_fwdbwd(pb.targets[:1]), "step": step}
+
+
+def torch_ce_fns(pb: Problem) -> dict:
+    """torch.nn.functional.linear_cross_entropy, chunked; T target sets = the rows repeated T times."""
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def loss(targets):
+        rows = pb.p.repeat(targets.shape[0], 1)  # row t * N + b is p_b, scored against targets[t, b]
+        return F.linear_cross_entropy(rows, pb.c / TEMPERATURE, targets.reshape(-1), options=options)
+
+    def loss_fwd():
+        with torch.no_grad():
+            return loss(pb.targets)
+
+    def loss_fwdbwd(targets=pb.targets):
+        out = loss(targets)
+        out.backward()
+        return out
+
+    return {"loss_fwd": loss_fwd, "loss_fwdbwd": loss_fwdbwd, "loss_fwdbwd_t1": lambda: loss_fwdbwd(pb.targets[:1])}
 
 
 def lightly_fns(pb: Problem, prototypes_cls, with_step: bool) -> dict:
@@ -268,13 +293,14 @@ def mm_fns(pb: Problem) -> dict:
         return torch.mm(held["scores"], pb.c)
 
     return {"assign": lambda: torch.mm(pb.z_update, pb.c.T), "loss_fwd": lambda: torch.mm(p, pb.c.T),
-            "loss_fwdbwd": both}
+            "loss_fwdbwd": both, "loss_fwdbwd_t1": both}
 
 
 def useful_flops(op: str, n: int, k: int, d: int) -> float:
     if op in STEP_OPS:  # assign 3N rows, loss forward + backward for N
         return 2.0 * 3 * n * k * d + 4.0 * n * k * d
-    return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d}[op]
+    return {"assign": 2.0 * n * k * d, "loss_fwd": 2.0 * n * k * d, "loss_fwdbwd": 4.0 * n * k * d,
+            "loss_fwdbwd_t1": 4.0 * n * k * d}[op]
 
 
 # ---- measurement ----------------------------------------------------------------------------------
@@ -360,6 +386,8 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
             available[name]["step_graph"] = None  # built (captured) when timed
     if not args.no_reference:
         available["reference"] = ref
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        available["torch_ce"] = torch_ce_fns(pb)
     if lightly_cls is not None:
         available["lightly"] = lightly_fns(pb, lightly_cls, with_step=k <= args.lightly_step_max_k)
     available["torch.mm"] = mm_fns(pb)
@@ -375,7 +403,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
     for method, fns in available.items():
         for op in OPS:
             row = {"n": n, "k": k, "d": d, "dtype": dtype_name, "method": method, "op": op}
-            if op not in fns and op in STEP_OPS:
+            if op not in fns and (op in STEP_OPS or method == "torch_ce" or op == "loss_fwdbwd_t1"):
                 if op == "step" and method == "lightly":
                     row["skipped"] = "per-group Python loop, minutes at this K"
                     rows.append(row)
@@ -385,7 +413,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
                                   else "no such product")
                 rows.append(row)
                 continue
-            grads = [pb.p] if op in ("loss_fwdbwd", "step", "step_graphed") else None
+            grads = [pb.p] if op in (*LOSS_GRAD_OPS, "step", "step_graphed") else None
             try:
                 fn = fns[op]
                 if op == "step_graph":
@@ -414,7 +442,7 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
         base = mm.get(r["op"], {}).get("tflops") if not r["op"].startswith("step") else mm_rate_loss
         if base:
             r["of_mm"] = r["tflops"] / base
-        for peer in ("reference", "lightly"):
+        for peer in ("reference", "torch_ce", "lightly"):
             other = by.get((peer, "step" if r["op"] in STEP_OPS else r["op"]))
             if other and "ms" in other and r["method"] != peer:
                 r[f"speedup_vs_{peer}"] = other["ms"] / r["ms"]
@@ -427,13 +455,13 @@ def run_config(n, k, d, dtype_name, device, methods, args, lightly_cls) -> list[
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'N':>6} {'K':>6} {'D':>4} {'dtype':>8} {'method':>10} {'op':>12} {'ms':>10} {'TFLOP/s':>8} " \
-           f"{'of_mm':>6} {'xref':>7} {'xlightly':>8} {'extraMiB':>9}"
+    head = f"{'N':>6} {'K':>6} {'D':>4} {'dtype':>8} {'method':>10} {'op':>14} {'ms':>10} {'TFLOP/s':>8} " \
+           f"{'of_mm':>6} {'xref':>7} {'xtorch_ce':>9} {'xlightly':>8} {'extraMiB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "ms" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"{r['n']:>6} {r['k']:>6} {r['d']:>4} {r['dtype']:>8} {r['method']:>10} {r['op']:>12}  -- {why}")
+            lines.append(f"{r['n']:>6} {r['k']:>6} {r['d']:>4} {r['dtype']:>8} {r['method']:>10} {r['op']:>14}  -- {why}")
             continue
 
         def fmt(key, spec):
@@ -442,9 +470,10 @@ def table(rows: list[dict]) -> str:
 
         mib = r.get("peak_extra_bytes")
         lines.append(
-            f"{r['n']:>6} {r['k']:>6} {r['d']:>4} {r['dtype']:>8} {r['method']:>10} {r['op']:>12} "
+            f"{r['n']:>6} {r['k']:>6} {r['d']:>4} {r['dtype']:>8} {r['method']:>10} {r['op']:>14} "
             f"{r['ms']:>10.4f} {fmt('tflops', '8.1f'):>8} {fmt('of_mm', '6.2f'):>6} "
-            f"{fmt('speedup_vs_reference', '7.1f'):>7} {fmt('speedup_vs_lightly', '8.1f'):>8} "
+            f"{fmt('speedup_vs_reference', '7.1f'):>7} {fmt('speedup_vs_torch_ce', '9.2f'):>9} "
+            f"{fmt('speedup_vs_lightly', '8.1f'):>8} "
             f"{(format(mib / 2**20, '9.1f') if mib is not None else '-'):>9}")
     return "\n".join(lines)
 
@@ -577,22 +606,14 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(device)
     print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    from smog_kernels import registry  # after TRITON_INTERPRET is settled: the backends read it
+
     methods, notes = [], []
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
-            if name == "triton":
-                import smog_kernels.triton as module
-
-                if not module.supports(device):
-                    raise RuntimeError(f"triton cannot run on {device}")
-            elif name == "cuda":
-                from smog_kernels import native as module
-
-                if not (cuda and module.has_kernels("cuda")):
-                    raise RuntimeError("the extension has no CUDA kernels (not built with CUDA)")
-            else:
-                raise ValueError(f"unknown fused backend {name!r}")
-            methods.append((name, module))
+            if name not in ("triton", "cuda"):
+                raise ValueError(f"unknown GPU backend {name!r}")
+            methods.append((name, registry.resolve(name, torch.empty(0, 1, device=device))))
         except Exception as exc:  # noqa: BLE001
             notes.append(f"backend {name} skipped: {type(exc).__name__}: {exc}")
     lightly_cls, why = (None, "--no-lightly") if args.no_lightly else load_lightly()

@@ -3,11 +3,16 @@
     smog bench kernels [--shapes small|issue] [--repeats R] [--out DIR]
 
 For each shape (N, K, D) and each operation (assign; assign + statistics + momentum update; loss
-forward + backward to p), every implementation runs side by side in one process, interleaved
-repeat by repeat, and the median wall time is reported. The bare matrix products are the floor a
-GEMM-based implementation cannot beat: one product (x @ C.T) for the assignment, two (p @ C.T and
-S @ C, S a given N x K matrix) for the loss. Peers in the same run: lightly's SMoGPrototypes
-(assign_groups + get_updated_group_features) and faiss-cpu's spherical k-means against ours.
+forward + backward to p with one and with two target sets), every implementation runs side by side
+in one process, interleaved repeat by repeat, and the median wall time is reported. The bare matrix
+products are the floor a GEMM-based implementation cannot beat: one product (x @ G.T) for the
+assignment, two (p @ G.T and S @ G, S a given N x K matrix) for the loss. The loss's closest
+PyTorch peer is torch.nn.functional.linear_cross_entropy with LinearCrossEntropyOptions() (chunked
+over rows, torch >= 2.13) on (p, G / temperature); it takes one target per row, so two target sets
+are one call on the rows repeated twice (2N rows: the mean over both sets, as smog's loss, at twice
+the products, since its API cannot share one set of logits between two target vectors). Optional
+peers in the same run, when installed: lightly's SMoGPrototypes (assign_groups +
+get_updated_group_features) and faiss-cpu's spherical k-means against ours.
 
 Peak extra memory: each case runs once more in a fresh process (forked from a server process that
 has imported torch but run nothing), which builds the inputs, resets the kernel's peak resident-set
@@ -37,20 +42,24 @@ SHAPES = {
     "issue": [(4096, 3000, 128), (16384, 16384, 128), (16384, 65536, 128)],
 }
 KMEANS = {"small": (6000, 300, 64, 10), "issue": (60000, 3000, 128, 10)}  # N, K, D, iterations
-OPS = ("assign", "assign+stats+update", "loss fwd+bwd")
+LOSS_T1, LOSS_T2 = "loss fwd+bwd T=1", "loss fwd+bwd T=2"  # one and two target sets
+OPS = ("assign", "assign+stats+update", LOSS_T1, LOSS_T2)
+LOSS_IMPLS = ("fused", "reference", "torch chunked CE", "torch.mm x2")
 IMPLS = {
     "assign": ("fused", "reference", "torch.mm x1"),
     "assign+stats+update": ("fused", "reference", "lightly", "torch.mm x1"),
-    "loss fwd+bwd": ("fused", "reference", "torch.mm x2"),
+    LOSS_T1: LOSS_IMPLS,
+    LOSS_T2: LOSS_IMPLS,
 }
 # Largest N x K float32 buffers alive at once (estimates used to skip cases that would not fit).
 SCORE_BUFFERS = {
     ("assign", "reference"): 1.5, ("assign", "torch.mm x1"): 1,
     ("assign+stats+update", "reference"): 1.5, ("assign+stats+update", "lightly"): 2,
     ("assign+stats+update", "torch.mm x1"): 1,
-    ("loss fwd+bwd", "reference"): 5, ("loss fwd+bwd", "torch.mm x2"): 2,
+    (LOSS_T1, "reference"): 5, (LOSS_T1, "torch.mm x2"): 2,
+    (LOSS_T2, "reference"): 5, (LOSS_T2, "torch.mm x2"): 2,
 }
-BETA, TEMPERATURE, NUM_TARGETS = 0.99, 0.1, 2
+BETA, TEMPERATURE = 0.99, 0.1
 
 
 def unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -91,7 +100,18 @@ def make_case(op: str, impl: str, n: int, k: int, d: int) -> Callable[[], object
             return sk.momentum_update(c, sums, counts, BETA, backend=backend)
 
         return step
-    targets = torch.randint(0, k, (NUM_TARGETS, n), generator=g)
+    targets = torch.randint(0, k, (1 if op == LOSS_T1 else 2, n), generator=g)
+    if impl == "torch chunked CE":
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def torch_loss_step():
+            p = x.detach().requires_grad_(True)
+            rows = p.repeat(targets.shape[0], 1)  # row t * N + b is p_b, scored against targets[t, b]
+            torch.nn.functional.linear_cross_entropy(rows, c / TEMPERATURE, targets.reshape(-1),
+                                                     options=options).backward()
+            return p.grad
+
+        return torch_loss_step
 
     def loss_step():
         p = x.detach().requires_grad_(True)
@@ -109,7 +129,7 @@ def _status_bytes(key: str) -> int:
 def probe(op: str, impl: str, n: int, k: int, d: int) -> int:
     """Peak bytes one call of the case allocates beyond its inputs (this process must be fresh)."""
     run = make_case(op, impl, n, k, d)
-    with torch.no_grad() if op != "loss fwd+bwd" else torch.enable_grad():
+    with torch.no_grad() if op not in (LOSS_T1, LOSS_T2) else torch.enable_grad():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
         before = _status_bytes("VmRSS:")
@@ -178,7 +198,7 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int, grad
 
 def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int, clock: Callable[[], float]) -> dict:
     """smog_kernels.spherical_kmeans (fused CPU) vs faiss.Kmeans(spherical=True), same data, K,
-    iterations and thread count; quality = mean cosine of each point to its assigned centroid."""
+    iterations and thread count; quality = mean cosine of each point to its assigned group."""
     import numpy as np
 
     import smog_kernels as sk
@@ -206,9 +226,9 @@ def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int, clock: Callab
     for _ in range(repeats):
         for name, call in calls.items():
             start = clock()
-            centroids = call()
+            groups = call()
             times[name].append(clock() - start)
-            quality = float(sk.assign(x, centroids.float(), backend="cpu")[1].mean())
+            quality = float(sk.assign(x, groups.float(), backend="cpu")[1].mean())
             results[name] = {"times_s": times[name], "median_s": statistics.median(times[name]),
                              "mean_cosine": quality}
     return {"shape": [n, k, d], "iterations": iters, "results": results}
@@ -247,8 +267,10 @@ def targets(results: list[dict], kmeans: dict, shapes: list) -> list[dict]:
     """The ratios the issue's targets refer to (at its shapes; computed the same way for others)."""
     first, last = shapes[0], shapes[-1]
     rows = [
-        ("loss fwd+bwd: reference / fused", ratio(results, first, "loss fwd+bwd", "reference", "fused"), ">=", 2.0, first),
-        ("loss fwd+bwd: fused / two bare products", ratio(results, first, "loss fwd+bwd", "fused", "torch.mm x2"), "<=", 1.3, first),
+        ("loss fwd+bwd T=2: reference / fused", ratio(results, first, LOSS_T2, "reference", "fused"), ">=", 2.0, first),
+        ("loss fwd+bwd T=2: fused / two bare products", ratio(results, first, LOSS_T2, "fused", "torch.mm x2"), "<=", 1.3, first),
+        ("loss fwd+bwd T=1: torch chunked CE / fused", ratio(results, first, LOSS_T1, "torch chunked CE", "fused"), ">=", 1.0, first),
+        ("loss fwd+bwd T=2: torch chunked CE / fused", ratio(results, first, LOSS_T2, "torch chunked CE", "fused"), ">=", 1.0, first),
         ("assign: fused / one bare product", ratio(results, first, "assign", "fused", "torch.mm x1"), "<=", 1.15, first),
         ("assign+stats+update: reference / fused", ratio(results, first, "assign+stats+update", "reference", "fused"), ">=", 1.2, first),
         ("assign+stats+update: lightly / fused", ratio(results, first, "assign+stats+update", "lightly", "fused"), ">=", 4.0, first),
@@ -301,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     free = available_bytes()
     limit = args.max_gb * 2**30 if args.max_gb is not None else (free / 2 if free is not None else None)
     results: list[dict] = []
-    header = f"{'N':>6} {'K':>6} {'D':>4}  {'operation':<20} {'implementation':<14} {'median ms':>10} {'x fused':>8} {'peak extra MiB':>15}"
+    header = f"{'N':>6} {'K':>6} {'D':>4}  {'operation':<20} {'implementation':<16} {'median ms':>10} {'x fused':>8} {'peak extra MiB':>15}"
     print(header)
     print("-" * len(header))
     for shape in shapes:
@@ -319,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     except ImportError as e:
                         row["skipped"] = f"not installed ({e.name})"
                 rows[impl] = row
-            times = time_side_by_side(calls, repeats, op == "loss fwd+bwd", CLOCKS[args.clock])
+            times = time_side_by_side(calls, repeats, op in (LOSS_T1, LOSS_T2), CLOCKS[args.clock])
             del calls
             for impl, row in rows.items():
                 if impl in times:
@@ -331,10 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             for impl, row in rows.items():
                 if "skipped" in row:
                     text = f"skipped: {row['skipped']}"
-                    print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<14} {text}")
+                    print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<16} {text}")
                     continue
                 rel = f"{row['median_s'] / fused:.2f}" if fused else "-"
-                print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<14} {row['median_s'] * 1e3:>10.1f} {rel:>8} "
+                print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<16} {row['median_s'] * 1e3:>10.1f} {rel:>8} "
                       f"{fmt_bytes(row.get('extra_bytes')):>15}")
     kn, kk, kd, iters = KMEANS[args.shapes]
     kmeans = kmeans_peers(kn, kk, kd, iters, max(1, min(repeats, 2)), CLOCKS[args.clock])
@@ -343,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r:
             print(f"  {name:<8} skipped: {r['skipped']}")
         else:
-            print(f"  {name:<8} {r['median_s']:8.2f} s   mean cosine to centroid {r['mean_cosine']:.4f}")
+            print(f"  {name:<8} {r['median_s']:8.2f} s   mean cosine to its group {r['mean_cosine']:.4f}")
     goals = targets(results, kmeans, shapes)
     note = "" if args.shapes == "issue" else " (the issue's targets refer to --shapes issue)"
     print(f"\ntargets{note}:")
@@ -356,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.out, name)
     with open(path, "w") as f:
         json.dump({"machine": info, "shapes": args.shapes, "repeats": repeats, "clock": args.clock,
-                   "settings": {"beta": BETA, "temperature": TEMPERATURE, "num_targets": NUM_TARGETS},
+                   "settings": {"beta": BETA, "temperature": TEMPERATURE},
                    "results": results, "kmeans": kmeans, "targets": goals}, f, indent=1)
     print(f"\nwrote {path}")
     return 0

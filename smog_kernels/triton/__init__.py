@@ -1,9 +1,8 @@
 """The "triton" backend: Triton kernels for the grouping step (GPU; CPU tensors under
 TRITON_INTERPRET=1 for tests).
 
-Implements the internal backend protocol of smog_kernels._backends (assign, group_stats,
-momentum_update, loss_forward, loss_centroid_grad, supports) plus `assign_and_stats`, the fused
-first launch of a training step (assignment of all rows + statistics of the update rows).
+`TRITON` satisfies smog_kernels.backend.Backend and declares ASSIGN_AND_STATS: `assign_and_stats`
+is the fused first launch of a training step (assignment of all rows + statistics of the update rows).
 
 Statistics path: atomic float32 adds by default; the deterministic path (sort by group + segmented
 sum, bitwise reproducible) is chosen by `smog_kernels.triton.ops.DETERMINISTIC = True`, by the
@@ -19,7 +18,13 @@ import os
 
 import torch
 
+from smog_kernels.backend import ASSIGN_AND_STATS
 from smog_kernels.triton import library, ops
+
+
+def available() -> bool:
+    """A GPU, or CPU tensors under the interpreter."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def supports(device: torch.device) -> bool:
@@ -33,21 +38,21 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _compiling():
-        return library.assign(x, centroids)
-    return ops.assign(x, centroids)
+        return library.assign(x, groups)
+    return ops.assign(x, groups)
 
 
 def assign_and_stats(
-    x: torch.Tensor, centroids: torch.Tensor, stats_from: int = 0
+    x: torch.Tensor, groups: torch.Tensor, stats_from: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(index, score) of every row of x, and (sums float32 [K, D], counts int64 [K]) of the rows
     x[stats_from:] by their assigned group, in one launch on the atomic path. Put the target rows
     first and the update rows last: one call per head assigns both and gathers the statistics."""
     if _compiling():
-        return library.assign_and_stats(x, centroids, int(stats_from))
-    return ops.assign(x, centroids, stats_from=int(stats_from))
+        return library.assign_and_stats(x, groups, int(stats_from))
+    return ops.assign(x, groups, stats_from=int(stats_from))
 
 
 def group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,19 +61,37 @@ def group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[
     return ops.group_stats(x, index, num_groups)
 
 
-def momentum_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
+def momentum_update(groups: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float) -> torch.Tensor:
     if _compiling():
-        return library.momentum_update(centroids, sums, counts, float(beta))
-    return ops.momentum_update(centroids, sums, counts, beta)
+        return library.momentum_update(groups, sums, counts, float(beta))
+    return ops.momentum_update(groups, sums, counts, beta)
 
 
-def loss_forward(p, centroids, targets, inv_temperature):
+def loss_forward(p, groups, targets, inv_temperature):
     if _compiling():
-        return library.loss_forward(p, centroids, targets, float(inv_temperature))
-    return ops.loss_forward(p, centroids, targets, inv_temperature)
+        return library.loss_forward(p, groups, targets, float(inv_temperature))
+    return ops.loss_forward(p, groups, targets, inv_temperature)
 
 
-def loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature):
+def loss_group_grad(p, groups, lse, row_weight, inv_temperature):
     if _compiling():
-        return library.loss_centroid_grad(p, centroids, lse, row_weight, float(inv_temperature))
-    return ops.loss_centroid_grad(p, centroids, lse, row_weight, inv_temperature)
+        return library.loss_group_grad(p, groups, lse, row_weight, float(inv_temperature))
+    return ops.loss_centroid_grad(p, groups, lse, row_weight, inv_temperature)
+
+
+class Triton:
+    """The module's functions as a Backend object."""
+
+    name = "triton"
+    capabilities = frozenset({ASSIGN_AND_STATS})
+    available = staticmethod(available)
+    supports = staticmethod(supports)
+    assign = staticmethod(assign)
+    assign_and_stats = staticmethod(assign_and_stats)
+    group_stats = staticmethod(group_stats)
+    momentum_update = staticmethod(momentum_update)
+    loss_forward = staticmethod(loss_forward)
+    loss_group_grad = staticmethod(loss_group_grad)
+
+
+TRITON = Triton()

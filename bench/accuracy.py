@@ -1,4 +1,4 @@
-"""`smog bench accuracy`: smog's recipe vs lightly's SMoG recipe, same backbone, data, epochs and batch size.
+"""`bench/accuracy`: smog's recipe vs lightly's SMoG recipe, same backbone, data, epochs and batch size.
 
 Reports kNN top-1 of each (and of the random-init network and raw pixels) with the time per epoch of each;
 writes bench/results/accuracy_<config>.json and .png.
@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -45,7 +46,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smog bench accuracy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bench/accuracy", description=__doc__)
     parser.add_argument("--config", default="fashion_mnist")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--sides", default="smog,lightly", help="comma list of smog, lightly")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result["seconds_per_epoch"]["smog"] = [r["seconds"] for r in records if r.get("kind") == "epoch"]
         result["smog_bank_fill_seconds"] = sum(r["seconds"] for r in records if r.get("kind") == "bank_fill")
     if "lightly" in sides:
-        from smog.benchmarks.lightly_smog import train_lightly
+        from bench.lightly_smog import train_lightly
 
         lightly = train_lightly(cfg)
         result["knn"]["lightly"] = lightly["knn"]
@@ -90,3 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<14}" + "".join(f"{scores[k]:>12.2f}" for k in keys) + per_epoch)
     print(f"wrote {stem}.json and {stem}.png")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,15 +1,17 @@
-"""Compile every Triton kernel of this backend, with the block configurations ops._config picks,
+#!/usr/bin/env python3
+"""Compile every Triton kernel of smog_kernels.triton, with the block configurations ops._config picks,
 for an NVIDIA GPU architecture *without a GPU*, and report registers, spills and shared memory
 from ptxas. Catches what the interpreter cannot: kernels that do not compile for the real target,
 configurations that exceed shared memory, and register spills.
 
-    python -m smog_kernels.triton.aot_check [--cap 90] [--dtypes bf16,fp16,fp32] [--dims 128,256]
-                                             [--kernels assign,loss,cgrad,small] [--strict]
+    tools/triton_aot_check.py [--cap 90] [--dtypes bf16,fp16,fp32] [--dims 128,256]
+                              [--kernels assign,loss,cgrad,small] [--strict]
 
 Integer arguments are declared as the JIT specialises them at run time: unit feature strides
 (contiguous rows) become the constant 1, pointers, D and the other strides divisible by 16 (the
 sizes in do_not_specialize stay plain integers). Exit
-status 1 if a kernel fails to compile, or (--strict) spills registers.
+status 1 if a kernel fails to compile, or (--strict) spills registers. Run it with TRITON_INTERPRET
+unset: the kernels must be real JIT functions.
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import subprocess
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # kernels must be real JIT functions here
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET")
-    os.execve(sys.executable, [sys.executable, "-m", "smog_kernels.triton.aot_check", *sys.argv[1:]], env)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("tools/triton_aot_check.py: unset TRITON_INTERPRET (the kernels must be real JIT functions)")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -135,7 +136,7 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smog_kernels.triton.aot_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tools/triton_aot_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cap", type=int, default=90, help="compute capability x10 (90 = Hopper, 80 = Ampere)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--dims", default="128,256")

@@ -1,4 +1,4 @@
-"""`smog bench distributed`: the two group-statistics reductions of smog_kernels.distributed, timed.
+"""`bench/distributed`: the two group-statistics reductions of smog_kernels.distributed, timed.
 
 For each world size W (processes on this machine, gloo over loopback) and each (rows per rank N,
 groups K), every rank times `sync_group_stats` with strategy "allreduce" and "allgather" (with
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -31,7 +32,7 @@ STRATEGIES = ("allreduce", "allgather")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="smog bench distributed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bench/distributed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4], help="process counts")
     parser.add_argument("--groups", type=int, nargs="+", default=[3000, 65536], help="K values")
     parser.add_argument("--rows", type=int, nargs="+", default=[256, 1024], help="rows per rank N")
@@ -51,8 +52,8 @@ def _time_cases(rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     for n in args.rows:
         x = F.normalize(torch.randn(n, args.dim, generator=generator), dim=1)
         for k in args.groups:
-            centroids = F.normalize(torch.randn(k, args.dim, generator=torch.Generator().manual_seed(k)), dim=1)
-            index, _ = assign(x, centroids)
+            groups = F.normalize(torch.randn(k, args.dim, generator=torch.Generator().manual_seed(k)), dim=1)
+            index, _ = assign(x, groups)
             for strategy in STRATEGIES:
                 steps = []
                 for rep in range(args.warmup + args.reps):
@@ -152,3 +153,7 @@ def main(argv: list[str]) -> int:
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

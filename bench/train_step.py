@@ -1,6 +1,6 @@
-"""`smog bench train`: where one training step's time goes, phase by phase, for a recipe and its variants.
+"""`bench/train_step`: where one training step's time goes, phase by phase, for a recipe and its variants.
 
-    smog bench train [--config NAME] [--compare KEY=V1,V2,...] [--steps S] [--warmup W] [--out DIR]
+    bench/train_step [--config NAME] [--compare KEY=V1,V2,...] [--steps S] [--warmup W] [--out DIR]
                      [section.key=value ...]
 
 Builds the real training pieces (`smog.trainer.Trainer`: model, data, loader or device crops, optimiser,
@@ -190,7 +190,7 @@ class Variant:
         wrong = {name: calls[name] for name, n in expected.items() if calls[name] != n}
         if wrong:
             raise RuntimeError(f"a training step made {wrong} calls where {expected} were expected: "
-                               f"Trainer.train_step changed shape; update smog/benchmarks/train_step.py")
+                               f"Trainer.train_step changed shape; update bench/train_step.py")
         times["crops"] = times["loader"] + times["batch_crops"]
         times["total"] = stop - start
         times["other"] = times["total"] - sum(times[name] for name in TIMED)
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     from smog.config import ConfigError
     from smog.data import DatasetNotFound
 
-    parser = argparse.ArgumentParser(prog="smog bench train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bench/train_step", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quickstart", help="packaged recipe name or YAML path")
     parser.add_argument("--compare", default=None, metavar="KEY=V1,V2",
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args.config, args.overrides, args.compare, args.steps, args.warmup)
     except (ConfigError, DatasetNotFound, ValueError) as error:
-        print(f"smog bench train: error: {error}", file=sys.stderr)
+        print(f"bench/train_step: error: {error}", file=sys.stderr)
         return 2
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}; device {result['device']}; "
