@@ -21,7 +21,7 @@ e = bytes per feature element:
 `choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also packs,
 unpacks and sums all W * N gathered rows, and takes it when 2 * (its bytes) < (the all-reduce's
 bytes): W * N * (e D + 8) < 4 K (D + 2), about W * N < K for float32 rows (the bytes alone would
-say W * N < 2 K). Measured with `smog bench distributed` (gloo over loopback, D = 128, one thread
+say W * N < 2 K). Measured with bench/distributed (gloo over loopback, D = 128, one thread
 per process on an idle 16-core machine, bench/results/distributed_gloo_16core*.json): K = 65536,
 N in {256, 1024}, W in {2, 3, 4}: all-gather 22-34 ms against all-reduce 61-78 ms; K = 3000: the
 all-gather is faster up to W * N = 2048 (W = 2, 4) or 1536 (W = 3) and slower from W * N = 3072

@@ -106,6 +106,6 @@ def _step_errors(backend: str, device: str, dtype: torch.dtype, n: int, k: int, 
 def within_tolerance(op: str, error: float, dtype: torch.dtype) -> bool:
     if op == "assign score gap":
         return error <= SCORE_TOL[dtype]
-    if op == "spherical_kmeans":  # a near-tie assignment flip moves a centroid by more than rounding
+    if op == "spherical_kmeans":  # a near-tie assignment flip moves a group by more than rounding
         return error <= max(REL_TOL[dtype], 1e-3)
     return error <= REL_TOL[dtype]

@@ -21,7 +21,7 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def assign(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D], groups [K, D] -> (index int64 [N], score float32 [N]) of argmax_k <x_i, c_k>.
+    """x [N, D], groups [K, D] -> (index int64 [N], score float32 [N]) of argmax_k <x_n, g_k>.
 
     Exact ties go to the smallest k (torch.max returns the first maximal index).
     """
@@ -112,7 +112,7 @@ def spherical_kmeans(
 
     init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (groups [K, D] in
     x's dtype, index int64 [N]); index is the last E-step's assignment, i.e. the membership whose
-    means gave the returned groups. Empty groups keep their centroid.
+    means gave the returned groups. An empty group keeps its previous row.
     """
     return lloyd(REFERENCE, x, num_groups, iters, seed, init)
 

@@ -76,7 +76,7 @@ def loss_forward(p, groups, targets, inv_temperature):
 def loss_group_grad(p, groups, lse, row_weight, inv_temperature):
     if _compiling():
         return library.loss_group_grad(p, groups, lse, row_weight, float(inv_temperature))
-    return ops.loss_centroid_grad(p, groups, lse, row_weight, inv_temperature)
+    return ops.loss_group_grad(p, groups, lse, row_weight, inv_temperature)
 
 
 class Triton:

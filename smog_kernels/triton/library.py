@@ -45,7 +45,7 @@ def loss_forward(
 def loss_group_grad(
     p: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor, row_weight: torch.Tensor, inv_temperature: float
 ) -> torch.Tensor:
-    return ops.loss_centroid_grad(p, groups, lse, row_weight, inv_temperature)
+    return ops.loss_group_grad(p, groups, lse, row_weight, inv_temperature)
 
 
 fakes.register(_NS, {op: op for op in fakes.FAKES})

@@ -293,7 +293,7 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     return lse, tlog, att
 
 
-def loss_centroid_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tensor,
+def loss_group_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tensor,
                        row_weight: torch.Tensor, inv_temperature: float):
     n, d = p.shape
     kk = centroids.shape[0]
