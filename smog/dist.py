@@ -20,14 +20,36 @@ class DistInfo:
         return self.rank == 0
 
 
+def elastic_store(timeout: timedelta) -> torch_dist.Store | None:
+    """Under torchrun's shared agent store: this worker generation's own key space in it, else None.
+
+    torchrun (rdzv c10d, the default) keeps one TCPStore for the whole job and hands every restarted worker
+    group the same MASTER_ADDR:MASTER_PORT; the keys a dead generation published there (gloo's listening
+    addresses, barrier counters) are still present, so a restarted rank can read a dead peer's address
+    and fail its connection ("Gloo connectFullMesh failed ... Connect timeout"). Prefixing the keys with
+    TORCHELASTIC_RESTART_COUNT gives each generation a clean namespace in that store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = torch_dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return torch_dist.PrefixStore(f"smog/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
 def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1) with env:// rendezvous; else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://",
-                                      timeout=timedelta(seconds=timeout_s))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        store = elastic_store(timeout)
+        if store is None:
+            torch_dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:
+            torch_dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
+                                          timeout=timeout)
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -10,6 +10,7 @@ SUITES = {
     "distributed": "smog.benchmarks.distributed",  # statistics reduction strategies over processes
     "accuracy": "smog.benchmarks.accuracy",      # smog vs lightly's SMoG recipe, kNN accuracy
     "train": "smog.benchmarks.train_step",       # one training step's time by phase, variants side by side
+    "faults": "smog.benchmarks.faults",          # random SIGKILLs under torchrun --max-restarts, exact resume
 }
 
 
