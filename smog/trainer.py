@@ -144,9 +144,9 @@ class Trainer:
             checkpoint.save(self.state_dict(), self.ckpt_path)
         self._barrier()
 
-    def _usable(self, paths: list[str], world: int | None = None) -> tuple[dict, list[str]]:
+    def _usable(self, paths: list[str], world: int | None = None, report: bool = True) -> tuple[dict, list[str]]:
         """({(epoch, step): path} of the files among `paths` that pass their checks (and were written by
-        `world` processes, if given), refused paths); each refusal is reported on stderr."""
+        `world` processes, if given), refused paths); with `report` each refusal is said on stderr."""
         usable, refused = {}, []
         for path in paths:
             if not os.path.exists(path):
@@ -154,7 +154,8 @@ class Trainer:
             try:
                 head = checkpoint.header(path)
             except checkpoint.CheckpointError as error:
-                print(f"smog train: {error}", file=sys.stderr, flush=True)
+                if report:
+                    print(f"smog train: {error}", file=sys.stderr, flush=True)
                 refused.append(path)
                 continue
             if world is None or head["world"] == world:
@@ -183,7 +184,7 @@ class Trainer:
             return False
         if where != "auto" and not os.path.isfile(where):
             raise FileNotFoundError(f"checkpoint not found: {where}")
-        mains, refused = self._usable(paths)
+        mains, refused = self._usable(paths, report=self.dist.main)
         if not mains:
             raise checkpoint.CheckpointError(f"no usable checkpoint to resume: {', '.join(refused)} refused "
                                              f"(see above); start afresh without --resume or pass another path")

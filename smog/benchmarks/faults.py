@@ -34,12 +34,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, max_restarts: int, port: int, args: list[str], nnodes: int = 1) -> list[str]:
-    """The documented launch: `torchrun --max-restarts=N ... -m smog.cli train ARGS --resume auto`."""
+def torchrun(nproc: int, max_restarts: int, port: int, args: list[str], nnodes: int = 1,
+             program: list[str] | None = None) -> list[str]:
+    """The documented launch, `torchrun --max-restarts=N ... -m smog.cli train ARGS --resume auto` (or
+    `program` in place of smog), on loopback with c10d rendezvous at 127.0.0.1:port."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
             f"--max-restarts={max_restarts}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
             f"--rdzv_id=smog-{port}", "--local-addr=127.0.0.1", "--monitor-interval=0.1",
-            "-m", "smog.cli", "train", *args, "--resume", "auto"]
+            *(program or ["-m", "smog.cli", "train", *args, "--resume", "auto"])]
 
 
 def environment() -> dict:
