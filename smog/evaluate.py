@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             result = knn_scores(backbone, cfg, device)
         else:
             result = {"linear_top1": linear_score(backbone, cfg, device)}
-    except (ConfigError, DatasetNotFound, FileNotFoundError) as error:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, checkpoint.CheckpointError) as error:
         print(f"smog eval: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({"checkpoint": args.checkpoint, "epoch": state["epoch"], **result}, indent=2))

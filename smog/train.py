@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from smog.checkpoint import CheckpointError, CheckpointWriteError
 from smog.config import Config, ConfigError, load_config
 from smog.data import DatasetNotFound
 from smog.evaluation import knn_scores
@@ -55,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse(sys.argv[1:] if argv is None else argv)
         result = run(cfg, resume)
-    except (ConfigError, DatasetNotFound, NonFiniteLoss) as error:
+    except (ConfigError, DatasetNotFound, NonFiniteLoss, CheckpointError, CheckpointWriteError,
+            FileNotFoundError) as error:
         print(f"smog train: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, (ConfigError, DatasetNotFound)) else 1
+        return 2 if isinstance(error, (ConfigError, DatasetNotFound, CheckpointError, FileNotFoundError)) else 1
     if result["table"]:
         print("\n" + result["table"])
     print(f"\nrun directory: {result['run_dir']} (config.yaml, metrics.jsonl, *.png, checkpoint.pt)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -112,56 +113,120 @@ class Trainer:
         return {"config": to_dict(self.cfg), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict(),
                 "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
-                "bank_ready": self.bank_ready, "meter": self.meter, "rng": checkpoint.rng_state(),
-                "world": self.dist.world}
+                "steps_per_epoch": self.steps_per_epoch, "bank_ready": self.bank_ready, "meter": self.meter,
+                "rng": checkpoint.rng_state(), "world": self.dist.world}
 
     def load_state_dict(self, state: dict) -> None:
+        """Everything but, when the checkpoint was written by another number of processes, the memory bank
+        (bank_ready is then False: the next fit() refills it)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.bank.load_state_dict(state["bank"])
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self.bank_ready, self.meter = state["bank_ready"], state["meter"]
+        self.meter = state["meter"]
+        self.bank_ready = state["bank_ready"] and state["world"] == self.dist.world
+        if self.bank_ready:
+            self.bank.load_state_dict(state["bank"])
         checkpoint.set_rng_state(state["rng"])
 
     def _rank_state_path(self) -> str:
         return os.path.join(self.run_dir, f"rank{self.dist.rank}.pt")
 
     def save(self) -> None:
-        """Rank 0 writes checkpoint.pt; with several processes every rank also writes its own memory
-        bank and RNG state (rank{r}.pt), first, so that a rank file never lags the checkpoint."""
+        """With several processes every rank first writes its own memory bank and RNG state (rank{r}.pt),
+        then rank 0 writes checkpoint.pt. Each write keeps the file it replaces (*.prev.pt), so a crash at
+        any moment leaves a position (epoch, step) that the checkpoint and every rank file hold."""
         if self.dist.world > 1:
-            own = {"step": self.step, "world": self.dist.world, "bank": self.bank.state_dict(),
-                   "rng": checkpoint.rng_state()}
-            checkpoint.save_atomic(own, self._rank_state_path())
+            own = {"step": self.step, "epoch": self.epoch, "world": self.dist.world,
+                   "bank": self.bank.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.save(own, self._rank_state_path())
             self._barrier()
         if self.dist.main:
-            checkpoint.save_atomic(self.state_dict(), self.ckpt_path)
+            checkpoint.save(self.state_dict(), self.ckpt_path)
         self._barrier()
 
-    def _load_rank_state(self) -> None:
-        """This rank's own bank and RNG state; a missing or mismatched file (another world size, a
-        crash between the writes) leaves the bank to be refilled by the next fit()."""
-        path = self._rank_state_path()
-        own = checkpoint.load(path, self.device) if os.path.isfile(path) else None
-        if own is None or own["step"] != self.step or own["world"] != self.dist.world:
-            self.bank_ready = False
-            return
-        self.bank.load_state_dict(own["bank"])
-        checkpoint.set_rng_state(own["rng"])
+    def _usable(self, paths: list[str], world: int | None = None, report: bool = True) -> tuple[dict, list[str]]:
+        """({(epoch, step): path} of the files among `paths` that pass their checks (and were written by
+        `world` processes, if given), refused paths); with `report` each refusal is said on stderr."""
+        usable, refused = {}, []
+        for path in paths:
+            if not os.path.exists(path):
+                continue
+            try:
+                head = checkpoint.header(path)
+            except checkpoint.CheckpointError as error:
+                if report:
+                    print(f"smog train: {error}", file=sys.stderr, flush=True)
+                refused.append(path)
+                continue
+            if world is None or head["world"] == world:
+                usable.setdefault((head["epoch"], head["step"]), path)
+        return usable, refused
+
+    def _set_aside(self, usable: dict, refused: list[str], position: tuple) -> None:
+        """Rename refused files and files newer than the resumed `position` (another timeline) to *.set-aside,
+        so that the next saves cannot rotate them back in."""
+        for path in refused + [p for pos, p in usable.items() if pos > position]:
+            os.replace(path, path + ".set-aside")
+            print(f"smog train: set aside {path} as {path}.set-aside", file=sys.stderr, flush=True)
 
     def resume(self, where: str) -> bool:
-        """where: "" (fresh), "auto" (this run's checkpoint if there is one) or a path. True if resumed."""
+        """where: "" (fresh), "auto" (this run's newest usable checkpoint, if any) or a path. True if resumed.
+
+        auto tries checkpoint.pt, then checkpoint.prev.pt, and resumes the newest position (epoch, step) that
+        the checkpoint and every rank's own file (bank, RNG) hold; a refused file is reported and set aside.
+        If no rank files match (they lag, or another number of processes wrote the checkpoint) the memory
+        bank is refilled by the next fit() and the resume says why.
+        """
         if not where:
             return False
-        path = self.ckpt_path if where == "auto" else where
-        if where == "auto" and not os.path.isfile(path):
+        paths = [self.ckpt_path, checkpoint.previous_path(self.ckpt_path)] if where == "auto" else [where]
+        if where == "auto" and not any(os.path.exists(p) for p in paths):
             return False
-        self.load_state_dict(checkpoint.load(path, self.device))
+        if where != "auto" and not os.path.isfile(where):
+            raise FileNotFoundError(f"checkpoint not found: {where}")
+        mains, refused = self._usable(paths, report=self.dist.main)
+        if not mains:
+            raise checkpoint.CheckpointError(f"no usable checkpoint to resume: {', '.join(refused)} refused "
+                                             f"(see above); start afresh without --resume or pass another path")
+        own_paths = [self._rank_state_path(), checkpoint.previous_path(self._rank_state_path())]
+        owns, own_refused = self._usable(own_paths, self.dist.world) if self.dist.world > 1 else ({}, [])
+        every = []
         if self.dist.world > 1:
-            self._load_rank_state()
+            every = [None] * self.dist.world
+            torch.distributed.all_gather_object(every, set(owns))
+        common = set(mains).intersection(*every)
+        position = max(common) if common else max(mains)
+        state = checkpoint.load(mains[position], self.device)
+        if state["world"] != self.dist.world and state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ConfigError(f"{mains[position]} was written by {state['world']} processes with "
+                              f"{state['steps_per_epoch']} steps per epoch; this run has {self.dist.world} "
+                              f"processes and {self.steps_per_epoch}: resume it with {state['world']} processes")
+        self.load_state_dict(state)
+        if self.dist.main:
+            self._set_aside(mains, refused, position)
+        if self.dist.world > 1:
+            self._set_aside(owns, own_refused, position)
+        if state["world"] != self.dist.world:
+            self._say(f"{mains[position]} was written by {state['world']} processes, this run has "
+                      f"{self.dist.world}: resuming at epoch {self.epoch}, step {self.step} with the memory bank "
+                      f"refilled by the fill pass (not bit-identical to a run that kept {state['world']})")
+        elif self.dist.world > 1 and position in owns:
+            own = checkpoint.load(owns[position], self.device)
+            self.bank.load_state_dict(own["bank"])
+            checkpoint.set_rng_state(own["rng"])
+        elif self.dist.world > 1:
+            lag = [r for r, held in enumerate(every) if position not in held]
+            self._say(f"{mains[position]} holds epoch {position[0]}, step {position[1]}, but the rank files of "
+                      f"ranks {lag} hold {[sorted(every[r]) for r in lag]} (they lag or lead): resuming that step "
+                      f"with the memory bank refilled by the fill pass")
+            self.bank_ready = False
         if self.dist.main:
             self.log.truncate_after(self.step)
         return True
+
+    def _say(self, text: str) -> None:
+        if self.dist.main:
+            print(f"smog train: {text}", file=sys.stderr, flush=True)
 
     def _barrier(self) -> None:
         if self.dist.world > 1:
@@ -265,11 +330,15 @@ class Trainer:
         """
         cfg = self.cfg
         if self.dist.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as out:
-                yaml.safe_dump(to_dict(cfg), out, sort_keys=False)
-        if not self.bank_ready:  # a fresh run: an earlier run's records in this directory are not this run's
-            if self.dist.main:
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+                with open(os.path.join(self.run_dir, "config.yaml"), "w") as out:
+                    yaml.safe_dump(to_dict(cfg), out, sort_keys=False)
+            except OSError as error:
+                raise ConfigError(f"train.out_dir={cfg.train.out_dir!r}: cannot write the run directory "
+                                  f"{self.run_dir}: {error.strerror or error}") from error
+        if not self.bank_ready:
+            if self.dist.main and self.step == 0:  # a fresh run: an earlier run's records here are not its own
                 self.log.restart()
             started = time.perf_counter()
             self.fill_bank()
