@@ -105,7 +105,8 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 256  # global batch, split evenly over the processes
+    batch_size: int = 256  # global batch of one optimiser step, split evenly over the processes
+    accumulate: int = 1  # A: each process forwards its share in A sub-batches, one optimiser step per A
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = True  # bf16 autocast where the device supports it (CUDA)
@@ -139,7 +140,7 @@ CHOICES = {
 }
 POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.proj_hidden",
             "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
-            "method.kmeans_iters", "train.epochs", "train.batch_size", "eval.batch_size", "optim.lr")
+            "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
 UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
 
 
