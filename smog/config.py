@@ -106,7 +106,9 @@ class EvalConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # global batch of one optimiser step, split evenly over the processes
-    accumulate: int = 1  # A: each process forwards its share in A sub-batches, one optimiser step per A
+    # A: each process forwards its share in A sub-batches, one optimiser step per A (the authors' multi_forward;
+    # 1 as their scripts run: they pass --multi-forward, which parse_known_args ignores)
+    accumulate: int = 1
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = True  # bf16 autocast where the device supports it (CUDA)

@@ -50,15 +50,16 @@ def test_reclustering_fills_every_group(tmp_path):
         torch.testing.assert_close(trainer.model.groups[h].norm(dim=1), torch.ones(16))
 
 
-@pytest.mark.parametrize("augment_on", ["loader", "device"])
-def test_resume_mid_epoch_is_exact(tmp_path, augment_on):
-    whole = trainer_for(tmp_path / "whole", "train.epochs=2", f"data.augment_on={augment_on}")
+@pytest.mark.parametrize("augment_on, accumulate", [("loader", 1), ("device", 1), ("device", 2)])
+def test_resume_mid_epoch_is_exact(tmp_path, augment_on, accumulate):
+    args = ["train.epochs=2", f"data.augment_on={augment_on}", f"train.accumulate={accumulate}"]
+    whole = trainer_for(tmp_path / "whole", *args)
     final_whole = whole.fit()
 
-    first = trainer_for(tmp_path / "cut", "train.epochs=2", f"data.augment_on={augment_on}")
+    first = trainer_for(tmp_path / "cut", *args)
     first.fit(stop_after_steps=5)  # interrupted mid-epoch 1 (8 steps per epoch), checkpoint written
     del first
-    resumed = trainer_for(tmp_path / "cut", "train.epochs=2", f"data.augment_on={augment_on}")
+    resumed = trainer_for(tmp_path / "cut", *args)
     assert resumed.resume("auto") and resumed.step == 5 and resumed.step_in_epoch == 5
     final_resumed = resumed.fit()
 
