@@ -105,7 +105,10 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 256  # global batch, split evenly over the processes
+    batch_size: int = 256  # global batch of one optimiser step, split evenly over the processes
+    # A: each process forwards its share in A sub-batches, one optimiser step per A (the authors' multi_forward;
+    # 1 as their scripts run: they pass --multi-forward, which parse_known_args ignores)
+    accumulate: int = 1
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda
     bf16: bool = True  # bf16 autocast where the device supports it (CUDA)
@@ -139,7 +142,7 @@ CHOICES = {
 }
 POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.proj_hidden",
             "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
-            "method.kmeans_iters", "train.epochs", "train.batch_size", "eval.batch_size", "optim.lr")
+            "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
 UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
 
 

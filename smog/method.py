@@ -5,6 +5,9 @@ Per iteration and head h (SMOG_SPEC.md, "One training iteration"), through smog_
 targets = groups of the momentum z of the two large k crops under G_h; the online z of large q crop
 (h mod 2) are assigned under G_h, their statistics move G_h to G'_h; every q crop's prediction is scored
 against G'_h for both targets. The loss is the mean over heads.
+
+With gradient accumulation (train.accumulate = A > 1, the authors' multi_forward) `GroupCycle` runs the
+step over A sub-batches under one G_h: see its docstring.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ class StepOutput:
     loss: torch.Tensor  # scalar: mean over heads, targets, q crops, samples
     groups: torch.Tensor  # [H, K, D]: the updated groups G'
     counts: torch.Tensor  # int64 [H, K]: members of each group in this step's update rows
-    bank_rows: torch.Tensor  # [2, N, D]: online z of the large q crops (detached), for the memory bank
+    bank_rows: torch.Tensor  # [V, N, D]: online z of the update crops (detached), for the memory bank
 
 
 class SMoG(nn.Module):
@@ -87,6 +90,8 @@ class SMoG(nn.Module):
         self.momentum = MomentumNet(self.online)
         groups = F.normalize(torch.randn(cfg.method.heads, cfg.method.groups, cfg.model.dim), dim=2)
         self.register_buffer("groups", groups)
+        # large q crops whose online z move the groups and fill the memory bank: head h takes view h mod len
+        self.update_crops = [0, 1]
         self._graphed: list[smog_kernels.GraphedGroupingStep] | None = None  # one per head (method.cuda_graphs)
 
     @torch.no_grad()
@@ -117,15 +122,20 @@ class SMoG(nn.Module):
         losses, groups, counts = [], [], []
         for h in range(self.cfg.heads):
             if self.cfg.cuda_graphs and reduce_stats is None:
-                out = self._graphed_step(h)(self.groups[h], rows_k, rows_q[h % 2], rows_p, beta)
+                out = self._graphed_step(h)(self.groups[h], rows_k, rows_q[self.update_crop(h)], rows_p, beta)
             else:
                 out = smog_kernels.grouping_step(
-                    self.groups[h], rows_k, rows_q[h % 2], rows_p, beta, self.cfg.temperature,
+                    self.groups[h], rows_k, rows_q[self.update_crop(h)], rows_p, beta, self.cfg.temperature,
                     grad_groups=self.cfg.grad_into_groups, reduce_stats=reduce_stats, backend=self.cfg.backend)
             losses.append(out.loss)
             groups.append(out.groups.detach())
             counts.append(out.counts)
-        return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts), z_q[:2].detach())
+        return StepOutput(torch.stack(losses).mean(), torch.stack(groups), torch.stack(counts),
+                          z_q[self.update_crops].detach())
+
+    def update_crop(self, head: int) -> int:
+        """The q crop whose online z move head `head`'s groups (bank view head mod len(update_crops))."""
+        return self.update_crops[head % len(self.update_crops)]
 
     def step_dtype(self, device: torch.device) -> torch.dtype:
         """dtype of the grouping step's rows (method.step_dtype): "auto" follows a bfloat16 autocast
@@ -144,3 +154,56 @@ class SMoG(nn.Module):
             self._graphed = [make(self.cfg.temperature, self.cfg.grad_into_groups, self.cfg.backend)
                              for _ in range(self.cfg.heads)]
         return self._graphed[head]
+
+
+class GroupCycle:
+    """One cycle of gradient accumulation (the authors' multi_forward; docs/method.md): A sub-batches under
+    the groups G [H, K, D] the cycle starts from (`model.groups`, unchanged until the caller copies G').
+
+    Every sub-batch: targets of the momentum z and the assignment of the update rows under G; the update
+    rows' statistics add up. Sub-batches before the last score their loss against G; the last one's
+    statistics complete the cycle's: one reduction across processes (all heads in one call), one momentum
+    update G -> G', and its loss is scored against G'. The caller backpropagates each sub-batch's loss.
+    """
+
+    def __init__(self, model: SMoG, beta: float, reduce_stats: StatsReducer | None = None):
+        self.model, self.beta, self.reduce_stats = model, beta, reduce_stats
+        heads, k, d = model.groups.shape
+        self.sums = torch.zeros(heads, k, d, dtype=torch.float32, device=model.groups.device)
+        self.counts = torch.zeros(heads, k, dtype=torch.int64, device=model.groups.device)
+
+    def sub_batch(self, online: nn.Module, q: list[torch.Tensor], k: list[torch.Tensor], last: bool) -> StepOutput:
+        """One sub-batch's loss (against G', else G) and bank rows; on the last one also G' [H, K, D] and
+        the cycle's (global) counts [H, K], else G and the counts so far on this process."""
+        model, cfg = self.model, self.model.cfg
+        z_q, p_q = online(q)
+        with torch.no_grad():
+            z_k = model.momentum(k)
+        dtype = model.step_dtype(z_q.device)
+        t, n, d = z_k.shape
+        rows_k, rows_p = z_k.to(dtype).reshape(t * n, d), p_q.to(dtype)
+        groups = model.groups.detach()
+        targets = []
+        for h in range(cfg.heads):
+            products = groups[h].to(dtype)
+            targets.append(smog_kernels.assign(rows_k, products, backend=cfg.backend)[0].view(t, n))
+            update = z_q[model.update_crop(h)].detach().to(dtype)
+            index = smog_kernels.assign(update, products, backend=cfg.backend)[0]
+            sums, counts = smog_kernels.group_stats(update, index, groups.shape[1], backend=cfg.backend)
+            self.sums[h] += sums
+            self.counts[h] += counts
+        if last:
+            sums, counts = self.sums, self.counts
+            if self.reduce_stats is not None:
+                heads, num_groups = counts.shape
+                flat = self.reduce_stats(sums.reshape(heads * num_groups, d), counts.reshape(-1))
+                sums, counts = flat[0].view_as(self.sums), flat[1].view_as(self.counts)
+            groups = torch.stack([smog_kernels.momentum_update(groups[h], sums[h], counts[h], self.beta,
+                                                               backend=cfg.backend) for h in range(cfg.heads)])
+            self.counts = counts
+        v = rows_p.shape[0]
+        predictions = rows_p.reshape(v * n, d)
+        losses = [smog_kernels.group_contrastive_loss(predictions, groups[h].to(dtype), targets[h].repeat(1, v),
+                                                      cfg.temperature, backend=cfg.backend)
+                  for h in range(cfg.heads)]
+        return StepOutput(torch.stack(losses).mean(), groups, self.counts, z_q[model.update_crops].detach())

@@ -2,6 +2,8 @@
 kNN evaluation, metrics, plots and exact-resume checkpoints (rank 0 writes, every rank loads)."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 import sys
@@ -20,10 +22,18 @@ from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, devic
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
 from smog.memory_bank import MemoryBank
-from smog.method import SMoG
+from smog.method import GroupCycle, SMoG
 from smog.optim import build_optimizer
 from smog.runlog import RunLog, usage
 from smog.schedules import ema_rate, group_momentum, learning_rate
+
+
+def part(batch: dict, i: int, size: int) -> dict:
+    """Sub-batch i (samples i * size .. (i + 1) * size) of a loader batch: index, and crops or images."""
+    def cut(value):
+        return [cut(v) for v in value] if isinstance(value, list) else value[i * size:(i + 1) * size]
+
+    return {key: cut(value) for key, value in batch.items()}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -59,6 +69,12 @@ class Trainer:
             raise ConfigError(f"method.cuda_graphs=true needs one CUDA process (this run: {self.device.type}, "
                               f"{self.dist.world} processes): the statistics cannot be reduced across processes "
                               f"inside a graph; set method.cuda_graphs=false")
+        accumulate = cfg.train.accumulate
+        if accumulate > 1 and (cfg.method.cuda_graphs or cfg.method.grad_into_groups):
+            raise ConfigError(f"train.accumulate={accumulate} needs method.cuda_graphs=false and "
+                              f"method.grad_into_groups=false (got {cfg.method.cuda_graphs} and "
+                              f"{cfg.method.grad_into_groups}): a cycle runs the grouping step as separate ops over "
+                              f"sub-batches, outside a CUDA graph and without a gradient into the groups")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = os.path.join(cfg.train.out_dir, cfg.train.run_name or cfg.name)
@@ -66,20 +82,23 @@ class Trainer:
 
         self.dataset = train_set(cfg)
         self.device_crops = device_crops(cfg)
-        if cfg.method.groups > len(self.dataset) // self.dist.world:
-            raise ConfigError(f"method.groups={cfg.method.groups} exceeds the {len(self.dataset) // self.dist.world} "
-                              f"training images per process: k-means cannot seed that many groups")
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.train.seed, drop_last=True)
-        if cfg.train.batch_size % self.dist.world:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide evenly over "
-                              f"{self.dist.world} processes")
-        self.batch_size = cfg.train.batch_size // self.dist.world
+        if cfg.train.batch_size % (self.dist.world * accumulate):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch of one optimiser step) must "
+                              f"split evenly into train.accumulate={accumulate} sub-batches on each of "
+                              f"{self.dist.world} processes: a multiple of {self.dist.world * accumulate}")
+        self.batch_size = cfg.train.batch_size // self.dist.world  # per process and optimiser step
+        self.sub_batch = self.batch_size // accumulate  # per process and forward pass
         self.steps_per_epoch = len(self.sampler) // self.batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(self.sampler)} images per "
                               f"process: no full batch per epoch")
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        bank_rows = self.steps_per_epoch * self.batch_size  # per process: one epoch's shard
+        if cfg.method.groups > bank_rows * self.dist.world:
+            raise ConfigError(f"method.groups={cfg.method.groups} exceeds the {bank_rows * self.dist.world} rows of "
+                              f"the memory banks (one epoch's batches): k-means cannot seed that many groups")
 
         self.model = build_model(cfg).to(self.device)
         if cfg.model.sync_bn and self.dist.world > 1:
@@ -97,7 +116,7 @@ class Trainer:
         if cfg.model.compile:
             self.online = torch.compile(self.online)
         self.optimizer = build_optimizer(self.model.online, cfg.optim)
-        self.bank = MemoryBank(len(self.dataset), cfg.model.dim, self.device)
+        self.bank = MemoryBank(bank_rows, cfg.model.dim, len(self.model.update_crops), self.device)
         self.reduce_stats = stats_reducer(self.dist)
         self.autocast = cfg.train.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.epoch, self.step, self.step_in_epoch, self.bank_ready = 0, 0, 0, False
@@ -249,21 +268,24 @@ class Trainer:
 
     @torch.no_grad()
     def fill_bank(self) -> None:
-        """The no-grad pass before the first epoch: online z of the large q crops of every sample of this process."""
-        # no drop_last anywhere: every sample of this process's shard (padded to equal shards) gets a row
-        sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=False)
-        loader = make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, pin=self.device.type == "cuda")
+        """The no-grad pass before the first epoch: online z of the update crops of this process's shard of
+        the current epoch, in its training order (the bank positions the epoch's steps then overwrite)."""
+        self.sampler.set_epoch(self.epoch)
+        loader = make_loader(self.dataset, self.sub_batch, self.cfg.data, ResumableSampler(self.sampler),
+                             drop_last=True, pin=self.device.type == "cuda")
         self.dataset.set_epoch(-1)
         self.dataset.large_q_only = True
-        bar = tqdm(loader, desc="memory bank", disable=not (self.cfg.train.progress and self.dist.main))
+        self.bank.position = 0
+        batches = self.bank.size // self.sub_batch
+        bar = tqdm(itertools.islice(loader, batches), desc="memory bank", total=batches,
+                   disable=not (self.cfg.train.progress and self.dist.main))
         for i, batch in enumerate(bar):
-            if len(batch["index"]) < 2:  # BatchNorm needs two rows; that one sample joins the bank when trained on
-                continue
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 # negative steps: the fill pass's crops never repeat a training step's
                 z, _ = self.model.online(self._crops(batch, -2 - i, large_q_only=True)["q"])
-            self.bank.write(batch["index"], z)
+            self.bank.write(batch["index"], z[self.model.update_crops])
         self.dataset.large_q_only = False
+        self.bank.position = self.step_in_epoch * self.batch_size
         self.bank_ready = True
 
     @torch.no_grad()
@@ -275,37 +297,58 @@ class Trainer:
         if every and epoch % every == 0:
             for h in range(self.cfg.method.heads):
                 seed = self.cfg.train.seed * 7919 + epoch * self.cfg.method.heads + h
-                self.model.groups[h] = kmeans(self.bank.rows(h % 2), self.cfg.method.groups,
+                self.model.groups[h] = kmeans(self.bank.rows(h % self.bank.views), self.cfg.method.groups,
                                               self.cfg.method.kmeans_iters, seed, self.cfg.method.backend, self.dist)
 
     def train_step(self, batch: dict) -> float:
-        crops = self._crops(batch, self.step)
-        q, k = crops["q"], crops["k"]
-        if self.step % 2 == 1:  # views swap roles every iteration (large crops; small crops stay online)
-            q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
+        """One optimiser step on this process's share of the global batch, forwarded in train.accumulate
+        sub-batches (one GroupCycle; gradients summed over the sub-batches of losses divided by A)."""
         lr = learning_rate(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         beta = group_momentum(self.cfg.method, self.step, self.total_steps)
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            out = self.model.step(self.online, q, k, beta, self.reduce_stats)
-        loss = float(out.loss.detach())
+        accumulate = self.cfg.train.accumulate
+        cycle = GroupCycle(self.model, beta, self.reduce_stats) if accumulate > 1 else None
+        parts = [batch] if accumulate == 1 else [part(batch, i, self.sub_batch) for i in range(accumulate)]
+        losses, written = [], []
+        for i, sub in enumerate(parts):
+            crops = self._crops(sub, self.step * accumulate + i)
+            q, k = crops["q"], crops["k"]
+            if self.step % 2 == 1:  # views swap roles every step (large crops; small crops stay online)
+                q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
+            last = i == accumulate - 1
+            with self._grad_sync(last):
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                    if cycle is None:
+                        out = self.model.step(self.online, q, k, beta, self.reduce_stats)
+                    else:
+                        out = cycle.sub_batch(self.online, q, k, last)
+                if i == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                (out.loss / accumulate).backward()
+            losses.append(out.loss.detach())
+            written.append((sub["index"], out.bank_rows))
+        loss = float(torch.stack(losses).mean())
         if not math.isfinite(loss):
             raise NonFiniteLoss(
                 f"loss became {loss} at epoch {self.epoch}, step {self.step}: stopping. The last good checkpoint "
                 f"is kept at {self.ckpt_path} (if one was written); lower optim.lr or check the data.")
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.online.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.model.ema_update(ema_rate(self.cfg.method, self.step, self.total_steps))
         self.model.groups.copy_(out.groups)
-        self.bank.write(batch["index"], out.bank_rows)
+        for index, rows in written:
+            self.bank.write(index, rows)
         self.meter["loss"] += loss
         self.meter["steps"] += 1
         self.meter["counts"] += out.counts.cpu()
         return loss
+
+    def _grad_sync(self, last: bool):
+        """DDP's gradient all-reduce only on the last sub-batch of a step (no_sync before it)."""
+        no_sync = None if last else getattr(self.online, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def end_epoch(self, seconds: float) -> dict:
         heads = [usage(c) for c in self.meter["counts"]]

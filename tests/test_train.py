@@ -23,7 +23,9 @@ def trainer_for(out_dir, *overrides: str) -> Trainer:
 
 
 def test_a_few_epochs_lower_the_loss(tmp_path):
-    trainer = trainer_for(tmp_path, "train.epochs=3")
+    # without re-clustering: on 256 digits the loss right after a k-means depends on which rows seed it
+    # (an epoch-3 loss above epoch 1's for some seeds); re-clustering is tested below and in the resume tests
+    trainer = trainer_for(tmp_path, "train.epochs=3", "method.recluster_every=0")
     trainer.fit()
     losses = [r["loss"] for r in trainer.log.records() if r["kind"] == "epoch"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
@@ -40,7 +42,7 @@ def test_a_fresh_run_in_a_used_directory_starts_a_new_log(tmp_path):
 def test_reclustering_fills_every_group(tmp_path):
     trainer = trainer_for(tmp_path, "method.groups=16", "data.train_subset=250")  # 250 = 7 batches of 32 + 26
     trainer.fill_bank()
-    assert trainer.bank.count == 250
+    assert trainer.bank.count == 7 * 32  # one epoch's batches: drop_last leaves out the 26
     trainer.start_epoch(0)
     for h in range(trainer.cfg.method.heads):
         index, _ = smog_kernels.assign(trainer.bank.rows(h % 2), trainer.model.groups[h])
@@ -48,15 +50,16 @@ def test_reclustering_fills_every_group(tmp_path):
         torch.testing.assert_close(trainer.model.groups[h].norm(dim=1), torch.ones(16))
 
 
-@pytest.mark.parametrize("augment_on", ["loader", "device"])
-def test_resume_mid_epoch_is_exact(tmp_path, augment_on):
-    whole = trainer_for(tmp_path / "whole", "train.epochs=2", f"data.augment_on={augment_on}")
+@pytest.mark.parametrize("augment_on, accumulate", [("loader", 1), ("device", 1), ("device", 2)])
+def test_resume_mid_epoch_is_exact(tmp_path, augment_on, accumulate):
+    args = ["train.epochs=2", f"data.augment_on={augment_on}", f"train.accumulate={accumulate}"]
+    whole = trainer_for(tmp_path / "whole", *args)
     final_whole = whole.fit()
 
-    first = trainer_for(tmp_path / "cut", "train.epochs=2", f"data.augment_on={augment_on}")
+    first = trainer_for(tmp_path / "cut", *args)
     first.fit(stop_after_steps=5)  # interrupted mid-epoch 1 (8 steps per epoch), checkpoint written
     del first
-    resumed = trainer_for(tmp_path / "cut", "train.epochs=2", f"data.augment_on={augment_on}")
+    resumed = trainer_for(tmp_path / "cut", *args)
     assert resumed.resume("auto") and resumed.step == 5 and resumed.step_in_epoch == 5
     final_resumed = resumed.fit()
 
@@ -64,6 +67,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, augment_on):
     for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(resumed.bank.bank, whole.bank.bank, rtol=0, atol=0)
+    assert torch.equal(resumed.bank.index, whole.bank.index) and resumed.bank.position == whole.bank.position
     assert final_resumed["loss"] == final_whole["loss"]
     assert final_resumed["knn"] == final_whole["knn"]
     def losses(trainer):

@@ -33,7 +33,7 @@ rank 1 die with os._exit in the middle of a step.
    (gloo in fact reports the closed connection at once). The last checkpoint (rank 0 wrote it before the failure) must load with
    smog.checkpoint.load and hold the step it was written at, and `smog train --resume auto` on 2 ranks
    must continue it to the end, equal to an uninterrupted run bit for bit (both ranks) up to the end of
-   the interrupted epoch; the memory banks, which only matter from the next epoch on, are test 3's.
+   the interrupted epoch, memory banks (rows, samples, write position) included.
 3. `--resume auto` after a completed epoch (`test_resume_auto_after_a_completed_epoch_is_exact`): the
    uninterrupted run's end-of-epoch-1 checkpoint (written by rank 0) is put in a fresh run directory and
    together with each rank's own file (memory bank, RNG state: rank{r}.pt), and
@@ -98,7 +98,7 @@ def state(trainer):
             "groups": trainer.model.groups.detach().clone(),
             "model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
             "params": {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
-            "bank": trainer.bank.bank.clone(), "filled": trainer.bank.filled.clone()}
+            "bank": trainer.bank.bank.clone(), "index": trainer.bank.index.clone(), "position": trainer.bank.position}
 
 
 if spec.get("snapshots"):  # every rank's state at every checkpoint; rank 0 keeps each checkpoint file
@@ -259,9 +259,14 @@ def assert_equal_states(a: dict, b: dict, what: str) -> None:
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), f"{what}: model tensor {name} differs"
-    assert torch.equal(a["filled"], b["filled"]), (
-        f"{what}: memory-bank rows present differ ({int(a['filled'].sum())} vs {int(b['filled'].sum())} rows, "
-        f"{int((a['filled'] ^ b['filled']).sum())} differ)")
+    assert_equal_banks(a, b, what)
+
+
+def assert_equal_banks(a: dict, b: dict, what: str) -> None:
+    """Bit-for-bit equality of two recorded memory banks: rows, their dataset indices, write position."""
+    assert torch.equal(a["index"], b["index"]) and a["position"] == b["position"], (
+        f"{what}: memory-bank samples differ ({int((a['index'] != b['index']).sum())} of {len(a['index'])} rows "
+        f"hold another sample; write positions {a['position']} vs {b['position']})")
     assert torch.equal(a["bank"], b["bank"]), f"{what}: memory-bank rows differ"
 
 
@@ -408,6 +413,7 @@ def test_killed_rank_stops_its_peer_and_the_last_checkpoint_resumes(driver, refe
         for step in range(last + EVERY, STEPS_PER_EPOCH + 1, EVERY):
             resumed, whole = load_rank(out, f"rank{r}-step{step}.pt"), load_rank(ref, f"rank{r}-step{step}.pt")
             assert torch.equal(resumed["groups"], whole["groups"]), f"rank {r}, step {step}: groups differ after the resume"
+            assert_equal_banks(resumed, whole, f"rank {r}, step {step} after the mid-epoch resume")
             for name in whole["model"]:
                 assert torch.equal(resumed["model"][name], whole["model"][name]), \
                     f"rank {r}, step {step}: {name} differs from the uninterrupted run's after the resume"
@@ -442,11 +448,9 @@ def test_resume_auto_after_a_completed_epoch_is_exact(driver, reference, tmp_pat
         assert torch.equal(loaded["groups"], saved["model"]["groups"]), f"rank {r} loaded other groups"
     for r in range(WORLD):  # and every rank has its own memory bank back, the one the next k-means clusters
         loaded, own = load_rank(out, f"rank{r}-loaded.pt"), load_rank(ref, f"rank{r}-step{STEPS_PER_EPOCH}.pt")
-        assert torch.equal(loaded["filled"], own["filled"]) and torch.equal(loaded["bank"], own["bank"]), (
-            f"rank {r}: after the resume its memory bank is not the one it held when the checkpoint was written "
-            f"({int(loaded['filled'].sum())} rows, {int((loaded['filled'] & own['filled']).sum())} of its own "
-            f"{int(own['filled'].sum())}), so the epoch-2 re-clustering of a resumed run would differ from the "
-            f"uninterrupted run's")
+        assert_equal_banks(loaded, own, f"rank {r}: after the resume its memory bank is not the one it held when "
+                                        f"the checkpoint was written, so the epoch-2 re-clustering of a resumed run "
+                                        f"would differ from the uninterrupted run's")
 
     last = EPOCHS * STEPS_PER_EPOCH
     for r in range(WORLD):
