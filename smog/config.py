@@ -86,6 +86,7 @@ class OptimConfig:
     trust_coefficient: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.0  # max gradient norm (0 = off)
+    exclude_bn_bias: bool = True  # BN/norm weights, biases, position tables: no weight decay, no LARS
 
 
 @dataclass
