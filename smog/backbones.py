@@ -1,7 +1,8 @@
 """Backbones: image [B, C, H, W] -> features [B, F] (no classifier).
 
-small_cnn (sized for CPU runs), torchvision ResNet-18/50 (optionally with a small-image stem: 3x3
-stride-1 conv, no max-pool) and Transformers (torchvision swin_t, vit_b_16).
+small_cnn (sized for CPU runs), torchvision ResNet-18/50 and ResNet-50w2 (optionally with a small-image
+stem: 3x3 stride-1 conv, no max-pool) and Transformers (torchvision swin_t, vit_b_16). model.checkpoint
+recomputes each stage's activations in the backward pass (torch.utils.checkpoint) instead of storing them.
 """
 from __future__ import annotations
 
@@ -25,15 +26,34 @@ def small_cnn(channels: int, width: int) -> nn.Module:
     return net
 
 
+def resnet50w2() -> nn.Module:
+    """ResNet-50 with every width doubled (SwAV's and SMoG's resnet50w2): a 128-channel stem, bottleneck
+    widths 128..1024, block outputs 512..4096; torchvision's ResNet and Bottleneck otherwise."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class ResNetW2(ResNet):
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # the first stage: its input is the widened stem
+                self.inplanes = 2 * 64
+            return super()._make_layer(block, 2 * planes, blocks, stride, dilate)
+
+    net = ResNetW2(Bottleneck, [3, 4, 6, 3])
+    net.conv1, net.bn1 = nn.Conv2d(3, 2 * 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(2 * 64)
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits it
+    net.fc = nn.Linear(net.layer4[-1].conv3.out_channels, 1000)
+    return net
+
+
 def _resnet(name: str, channels: int, small_stem: bool) -> nn.Module:
     import torchvision
 
-    net = getattr(torchvision.models, name)(weights=None)
+    net = resnet50w2() if name == "resnet50w2" else getattr(torchvision.models, name)(weights=None)
+    stem = net.conv1.out_channels
     if small_stem:
-        net.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(channels, stem, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     elif channels != 3:
-        net.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+        net.conv1 = nn.Conv2d(channels, stem, 7, stride=2, padding=3, bias=False)
     out = net.fc.in_features
     net.fc = nn.Identity()
     net.out_features = out
@@ -55,7 +75,7 @@ def _transformer(name: str, image_size: int) -> nn.Module:
     import torchvision
 
     if name == "swin_t":
-        net = torchvision.models.swin_t(weights=None)
+        net = torchvision.models.swin_t(weights=None)  # stochastic depth 0.2, the authors' drop path rate
         out = net.head.in_features
         net.head = nn.Identity()
     else:
@@ -66,12 +86,65 @@ def _transformer(name: str, image_size: int) -> nn.Module:
     return _GreyToRGB(net)
 
 
+def _stages(net: nn.Module) -> list[nn.Module]:
+    """The modules model.checkpoint recomputes: ResNet stages, Swin stages and patch mergings, ViT blocks."""
+    import torchvision
+
+    inner = net.net if isinstance(net, _GreyToRGB) else net
+    if isinstance(inner, torchvision.models.ResNet):
+        return [inner.layer1, inner.layer2, inner.layer3, inner.layer4]
+    if isinstance(inner, torchvision.models.SwinTransformer):
+        return list(inner.features)[1:]
+    if isinstance(inner, torchvision.models.VisionTransformer):
+        return list(inner.encoder.layers)
+    raise ValueError(f"model.checkpoint: no stages known for {type(inner).__name__}")
+
+
+def checkpoint_stages(net: nn.Module) -> nn.Module:
+    """Wrap each stage of `net` (in place) in torch's non-reentrant activation checkpoint; state dicts are
+    unchanged (parameter names gain `_checkpoint_wrapped_module.`). BatchNorm layers inside a stage see its forward twice per step (their
+    running statistics move twice), as under the authors' --checkpoint_model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
+                                                                             checkpoint_wrapper)
+
+    stages = {id(m) for m in _stages(net)}
+    apply_activation_checkpointing(net, checkpoint_wrapper_fn=checkpoint_wrapper, check_fn=lambda m: id(m) in stages)
+    return net
+
+
+def drop_paths(net: nn.Module) -> list[nn.Module]:
+    """The stochastic-depth (drop path) modules of `net` with a non-zero rate: torchvision's StochasticDepth
+    and timm's DropPath."""
+    from torchvision.ops import StochasticDepth
+
+    found = []
+    for m in net.modules():
+        if isinstance(m, StochasticDepth) and m.p > 0:
+            found.append(m)
+        elif type(m).__name__ == "DropPath" and getattr(m, "drop_prob", 0.0) > 0:
+            found.append(m)
+    return found
+
+
+def disable_drop_path(net: nn.Module) -> nn.Module:
+    """Set every drop-path rate of `net` to 0 (in place): the momentum network runs without drop path."""
+    for m in drop_paths(net):
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+        else:
+            m.p = 0.0
+    return net
+
+
 def build_backbone(cfg: ModelConfig, channels: int, image_size: int) -> nn.Module:
-    """A backbone with an `out_features` attribute."""
+    """A backbone with an `out_features` attribute (stages checkpointed when model.checkpoint)."""
     if cfg.backbone == "small_cnn":
         return small_cnn(channels, cfg.width)
-    if cfg.backbone in ("resnet18", "resnet50"):
-        return _resnet(cfg.backbone, channels, cfg.small_stem)
-    if cfg.backbone in ("swin_t", "vit_b_16"):
-        return _transformer(cfg.backbone, image_size)
-    raise ValueError(f"model.backbone must be small_cnn, resnet18, resnet50, swin_t or vit_b_16, got {cfg.backbone!r}")
+    if cfg.backbone in ("resnet18", "resnet50", "resnet50w2"):
+        net = _resnet(cfg.backbone, channels, cfg.small_stem)
+    elif cfg.backbone in ("swin_t", "vit_b_16"):
+        net = _transformer(cfg.backbone, image_size)
+    else:
+        raise ValueError(f"model.backbone must be small_cnn, resnet18, resnet50, resnet50w2, swin_t or vit_b_16, "
+                         f"got {cfg.backbone!r}")
+    return checkpoint_stages(net) if cfg.checkpoint else net

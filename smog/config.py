@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, swin_t, vit_b_16
+    backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, resnet50w2, swin_t, vit_b_16
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool for small images (ResNets)
     width: int = 32  # base channel count of small_cnn
     proj_hidden: int = 2048
@@ -54,6 +54,7 @@ class ModelConfig:
     sync_bn: bool = False  # SyncBatchNorm when running on several processes
     channels_last: bool = False
     compile: bool = False  # torch.compile the backbones
+    checkpoint: bool = False  # activation checkpointing of the backbone's stages (recomputed in backward)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class OptimConfig:
     trust_coefficient: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.0  # max gradient norm (0 = off)
+    exclude_bn_bias: bool = True  # BN/norm weights, biases, position tables: no weight decay, no LARS
 
 
 @dataclass
@@ -136,7 +138,7 @@ CHOICES = {
     "data.name": ("fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "folder", "digits"),
     "data.augment_on": ("loader", "device"),
     "method.step_dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.backbone": ("small_cnn", "resnet18", "resnet50", "swin_t", "vit_b_16"),
+    "model.backbone": ("small_cnn", "resnet18", "resnet50", "resnet50w2", "swin_t", "vit_b_16"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -256,6 +258,9 @@ def validate(cfg: Config) -> None:
     for key in UNIT:
         if not 0.0 <= get(key) <= 1.0:
             raise ConfigError(f"{key} must lie in [0, 1], got {get(key)!r}")
+    if cfg.model.checkpoint and cfg.model.backbone == "small_cnn":
+        raise ConfigError("model.checkpoint=true needs a backbone with stages (resnet18, resnet50, resnet50w2, "
+                          "swin_t, vit_b_16), got model.backbone='small_cnn'")
     if cfg.data.small_crops < 0:
         raise ConfigError(f"data.small_crops must be >= 0, got {cfg.data.small_crops}")
     if len(cfg.eval.knn_k) != len(cfg.eval.knn_t):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import smog_kernels
+from smog.backbones import disable_drop_path, drop_paths
 from smog.config import Config
 from smog.heads import predictor, projector
 
@@ -58,11 +59,12 @@ class OnlineNet(nn.Module):
 
 
 class MomentumNet(nn.Module):
-    """EMA copy of backbone -> projector. forward(crops: T x [N, C, h, w]) -> z [T, N, D], unit rows."""
+    """EMA copy of backbone -> projector, without drop path. forward(crops: T x [N, C, h, w]) -> z [T, N, D],
+    unit rows."""
 
     def __init__(self, online: OnlineNet):
         super().__init__()
-        self.backbone = copy.deepcopy(online.backbone)
+        self.backbone = disable_drop_path(copy.deepcopy(online.backbone))
         self.projector = copy.deepcopy(online.projector)
         for param in self.parameters():
             param.requires_grad_(False)
@@ -117,6 +119,7 @@ class SMoG(nn.Module):
         z_q, p_q = online(q)
         with torch.no_grad():
             z_k = self.momentum(k)
+        z_q = self.update_rows(q, z_q)
         dtype = self.step_dtype(z_q.device)  # the groups stay float32: a master copy under 16-bit rows
         rows_k, rows_q, rows_p = z_k.to(dtype), z_q.to(dtype), p_q.to(dtype)
         losses, groups, counts = [], [], []
@@ -136,6 +139,24 @@ class SMoG(nn.Module):
     def update_crop(self, head: int) -> int:
         """The q crop whose online z move head `head`'s groups (bank view head mod len(update_crops))."""
         return self.update_crops[head % len(self.update_crops)]
+
+    def update_rows(self, q: list[torch.Tensor], z_q: torch.Tensor) -> torch.Tensor:
+        """The online z [2, N, D] of the large q crops (update_crops index them). With drop path in the online
+        backbone (training) they come from a second, no-grad forward with drop path off, as the authors
+        recompute them for Swin (then no gradient flows through them, whatever method.grad_into_groups);
+        otherwise they are z_q[:2]."""
+        paths = drop_paths(self.online.backbone)
+        if not (paths and self.online.training):
+            return z_q[:2]
+        for m in paths:
+            m.train(False)
+        try:
+            with torch.no_grad():
+                z, _ = self.online(q[:2])
+        finally:
+            for m in paths:
+                m.train(True)
+        return z
 
     def step_dtype(self, device: torch.device) -> torch.dtype:
         """dtype of the grouping step's rows (method.step_dtype): "auto" follows a bfloat16 autocast
@@ -179,6 +200,7 @@ class GroupCycle:
         z_q, p_q = online(q)
         with torch.no_grad():
             z_k = model.momentum(k)
+        z_q = model.update_rows(q, z_q)
         dtype = model.step_dtype(z_q.device)
         t, n, d = z_k.shape
         rows_k, rows_p = z_k.to(dtype).reshape(t * n, d), p_q.to(dtype)
