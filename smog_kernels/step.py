@@ -1,6 +1,6 @@
 """One SMoG grouping step for one head, as few passes as the backend allows.
 
-The spec's order (SMOG_SPEC.md, "One training iteration"): targets and the grouping assignment are
+The method's order (docs/method.md, "One training iteration"): targets and the grouping assignment are
 taken against the groups *before* the update, the statistics of the assigned rows (reduced across
 processes when a reducer is given) move the groups, and the loss scores every prediction against the
 *updated* groups. Launches: one assignment pass over the target and update rows together, the
