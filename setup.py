@@ -73,6 +73,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "torchvision", "matplotlib"],
-    extras_require={"test": ["pytest", "scikit-learn"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "scikit-learn", "tensorboard", "timm"], "triton": ["triton"],
+                    "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"]},
     entry_points={"console_scripts": ["smog=smog.cli:main"]},
 )

@@ -1,15 +1,16 @@
 """Backbones: image [B, C, H, W] -> features [B, F] (no classifier).
 
 small_cnn (sized for CPU runs), torchvision ResNet-18/50 and ResNet-50w2 (optionally with a small-image
-stem: 3x3 stride-1 conv, no max-pool) and Transformers (torchvision swin_t, vit_b_16). model.checkpoint
-recomputes each stage's activations in the backward pass (torch.utils.checkpoint) instead of storing them.
+stem: 3x3 stride-1 conv, no max-pool), Transformers (torchvision swin_t, vit_b_16) and any timm model by
+name (model.backbone=timm/<name>, timm installed). model.checkpoint recomputes each stage's activations
+in the backward pass (torch.utils.checkpoint) instead of storing them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from smog.config import ModelConfig
+from smog.config import ConfigError, ModelConfig
 
 
 def small_cnn(channels: int, width: int) -> nn.Module:
@@ -136,6 +137,20 @@ def disable_drop_path(net: nn.Module) -> nn.Module:
     return net
 
 
+def _timm(name: str, channels: int) -> nn.Module:
+    """timm's `name` at random init without classifier; out_features = the width of its pooled features."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.backbone=timm/{name} needs the timm package: pip install timm") from None
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, in_chans=channels)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise ConfigError(f"model.backbone=timm/{name}: {error}") from None
+    net.out_features = getattr(net, "head_hidden_size", None) or net.num_features
+    return net
+
+
 def build_backbone(cfg: ModelConfig, channels: int, image_size: int) -> nn.Module:
     """A backbone with an `out_features` attribute (stages checkpointed when model.checkpoint)."""
     if cfg.backbone == "small_cnn":
@@ -144,7 +159,9 @@ def build_backbone(cfg: ModelConfig, channels: int, image_size: int) -> nn.Modul
         net = _resnet(cfg.backbone, channels, cfg.small_stem)
     elif cfg.backbone in ("swin_t", "vit_b_16"):
         net = _transformer(cfg.backbone, image_size)
+    elif cfg.backbone.startswith("timm/"):
+        net = _timm(cfg.backbone[len("timm/"):], channels)
     else:
-        raise ValueError(f"model.backbone must be small_cnn, resnet18, resnet50, resnet50w2, swin_t or vit_b_16, "
-                         f"got {cfg.backbone!r}")
+        raise ValueError(f"model.backbone must be small_cnn, resnet18, resnet50, resnet50w2, swin_t, vit_b_16 "
+                         f"or timm/<name>, got {cfg.backbone!r}")
     return checkpoint_stages(net) if cfg.checkpoint else net

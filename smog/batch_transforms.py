@@ -1,6 +1,6 @@
 """SMoG's multi-crop augmentations applied to a whole batch at once, on the training device.
 
-The recipe of smog.transforms (asymmetric q/k sets, SMOG_SPEC.md) with every random parameter drawn per
+The recipe of smog.transforms (asymmetric q/k sets, docs/method.md) with every random parameter drawn per
 sample from one seeded torch.Generator, as tensor ops over the batch: one affine resample for
 resized crop + flip, per-sample colour factors, per-sample Gaussian kernels. For datasets held in memory
 at one image size (Fashion-MNIST, CIFAR, STL-10, digits) this replaces the per-image loader pipeline,

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist, mnist, cifar10, cifar100, stl10, folder, digits
     root: str = ""  # where to look for / download the data ("" = the dataset's default place)
-    download: bool = False  # let torchvision download a missing dataset
+    download: str = "auto"  # auto: fetch a dataset found nowhere on disk; never: only look on disk
     train_subset: int = 0  # use only the first N training images for pretraining (0 = all)
     small_crops: int = 0
     large_size: int = 28
@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, resnet50w2, swin_t, vit_b_16
+    backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, resnet50w2, swin_t, vit_b_16, timm/<name>
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool for small images (ResNets)
     width: int = 32  # base channel count of small_cnn
     proj_hidden: int = 2048
@@ -120,6 +120,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epoch ends only)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl (when tensorboard is installed)
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
+    wandb_project: str = "smog"
     dist_timeout_s: float = 600.0  # how long a process waits for a peer in a collective before failing
 
 
@@ -137,6 +140,7 @@ class Config:
 CHOICES = {
     "data.name": ("fashion_mnist", "mnist", "cifar10", "cifar100", "stl10", "folder", "digits"),
     "data.augment_on": ("loader", "device"),
+    "data.download": ("auto", "never"),
     "method.step_dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50", "resnet50w2", "swin_t", "vit_b_16"),
     "optim.name": ("lars", "sgd", "adamw"),
@@ -250,8 +254,11 @@ def validate(cfg: Config) -> None:
         return getattr(getattr(cfg, section), name)
 
     for key, allowed in CHOICES.items():
+        if key == "model.backbone" and get(key).startswith("timm/") and len(get(key)) > len("timm/"):
+            continue  # any timm model by name; timm checks the name when the model is built
         if get(key) not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {get(key)!r}")
+            extra = " or timm/<name>" if key == "model.backbone" else ""
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}{extra}, got {get(key)!r}")
     for key in POSITIVE:
         if get(key) <= 0:
             raise ConfigError(f"{key} must be positive, got {get(key)!r}")

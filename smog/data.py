@@ -71,38 +71,80 @@ def _idx_file(path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def _fashion_mnist(root: str, train: bool, download: bool) -> ImageSet:
+def cache_root() -> str:
+    """Where datasets go when data.root is empty: $SMOG_DATA, else ~/.cache/smog/data."""
+    return os.environ.get("SMOG_DATA") or os.path.expanduser("~/.cache/smog/data")
+
+
+def debian_fashion_mnist() -> str:
+    """Debian's dataset-fashion-mnist folder ($SMOG_DEBIAN_FASHION_MNIST points elsewhere)."""
+    return os.environ.get("SMOG_DEBIAN_FASHION_MNIST", DEBIAN_FASHION_MNIST)
+
+
+def _idx_pair(folder: str, prefix: str) -> tuple[str, str] | None:
+    """(images, labels) idx files of a split in `folder`, gzipped or not; None when either is missing."""
+    for ext in (".gz", ""):
+        images = os.path.join(folder, f"{prefix}-images-idx3-ubyte{ext}")
+        labels = os.path.join(folder, f"{prefix}-labels-idx1-ubyte{ext}")
+        if os.path.isfile(images) and os.path.isfile(labels):
+            return images, labels
+    return None
+
+
+def _fashion_mnist(root: str, train: bool, download: str) -> ImageSet:
+    """Looked for in Debian's folder, then in `root` (or cache_root()) and its torchvision layout
+    (FashionMNIST/raw); with download="auto", fetched by torchvision into that folder when absent."""
     prefix = "train" if train else "t10k"
-    looked = []
-    for folder in [root] if root else [DEBIAN_FASHION_MNIST]:
-        for sub in ("", "FashionMNIST/raw"):
-            images = os.path.join(folder, sub, f"{prefix}-images-idx3-ubyte.gz")
-            labels = os.path.join(folder, sub, f"{prefix}-labels-idx1-ubyte.gz")
-            looked.append(images)
-            if os.path.isfile(images) and os.path.isfile(labels):
-                x = torch.from_numpy(_idx_file(images).copy()).unsqueeze(1)
-                return ImageSet(x, torch.from_numpy(_idx_file(labels).astype(np.int64)), 28)
-    if download:
-        return _torchvision("FashionMNIST", root or os.path.expanduser("~/.cache/smog/data"), train, True)
+    home = root or cache_root()
+    folders = [debian_fashion_mnist(), home, os.path.join(home, "FashionMNIST", "raw")]
+    found = next(filter(None, (_idx_pair(folder, prefix) for folder in folders)), None)
+    failure = "data.download=never"
+    if found is None and download == "auto":
+        try:
+            _fetch("FashionMNIST", home)
+            found = _idx_pair(folders[-1], prefix)
+        except OSError as error:  # no network, no DNS, a proxy refusing: the reason, then the ways out
+            failure = f"the download failed ({str(error)[:300]})"
+    if found is not None:
+        x = torch.from_numpy(_idx_file(found[0]).copy()).unsqueeze(1)
+        return ImageSet(x, torch.from_numpy(_idx_file(found[1]).astype(np.int64)), 28)
     raise DatasetNotFound(
-        f"Fashion-MNIST not found (looked for {', '.join(looked)}). Install Debian's files "
-        f"(apt-get install dataset-fashion-mnist, into {DEBIAN_FASHION_MNIST}), point data.root at a folder "
-        f"holding the four *-ubyte.gz files, or pass data.download=true to fetch it with torchvision.")
+        f"Fashion-MNIST not found (looked in {', '.join(folders)}) and {failure}. Three ways to get it:\n"
+        f"  1. Debian/Ubuntu: apt-get install dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})\n"
+        f"  2. copy the four *-ubyte.gz files into {home} (or point data.root at a folder holding them)\n"
+        f"  3. run with internet access: data.download=auto (the default) fetches them into {home}")
 
 
-def _torchvision(name: str, root: str, train: bool, download: bool) -> ImageSet:
+def _fetch(name: str, root: str) -> None:
+    """torchvision's download of dataset `name` into `root` (OSError when it cannot reach the data)."""
+    import socket
+
+    import torchvision.datasets as tvd
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a silent network fails within seconds, not minutes
+    try:
+        getattr(tvd, name)(root, download=True)
+    except RuntimeError as error:  # torchvision wraps every mirror's URLError in one RuntimeError
+        raise OSError(str(error).replace("\n", " ")) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _torchvision(name: str, root: str, train: bool, download: str) -> ImageSet:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, name)
     try:
         if name == "STL10":
-            ds = cls(root, split="train" if train else "test", download=download)
+            ds = cls(root, split="train" if train else "test", download=download == "auto")
         else:
-            ds = cls(root, train=train, download=download)
-    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            ds = cls(root, train=train, download=download == "auto")
+    except (RuntimeError, OSError) as error:  # not found (download=never) or the download failed
         raise DatasetNotFound(
-            f"{name} not found under {os.path.abspath(root)} ({error}). Pass data.download=true to let "
-            f"torchvision fetch it there, or point data.root at a folder that holds it.") from None
+            f"{name} not found under {os.path.abspath(root)} ({str(error).splitlines()[0][:200]}). Run with "
+            f"internet access and data.download=auto (the default) to let torchvision fetch it there, or point "
+            f"data.root at a folder that holds it.") from None
     data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
     x = torch.from_numpy(np.ascontiguousarray(data))
     x = x.unsqueeze(1) if x.dim() == 3 else (x if name == "STL10" else x.permute(0, 3, 1, 2).contiguous())
@@ -150,7 +192,7 @@ def load_split(cfg: DataConfig, split: str) -> ImageSet:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     train = split == "train"
-    root = cfg.root or os.path.expanduser("~/.cache/smog/data")
+    root = cfg.root or cache_root()
     if cfg.name == "fashion_mnist":
         return _fashion_mnist(cfg.root, train, cfg.download)
     if cfg.name == "digits":

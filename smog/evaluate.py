@@ -1,5 +1,6 @@
-"""`smog eval {knn,linear} CHECKPOINT [section.key=value ...]`: frozen-backbone evaluation of a checkpoint's
-online backbone, with the checkpoint's own config (overrides apply, e.g. eval.linear_epochs=20).
+"""`smog eval {knn,linear} CHECKPOINT_OR_RUN_DIR [section.key=value ...]`: frozen-backbone evaluation of
+a checkpoint's online backbone (a run directory means its checkpoint.pt), with the checkpoint's own config
+(overrides apply, e.g. eval.linear_epochs=20).
 
 linear --protocol features: a layer fitted on pre-extracted centre-crop features (smog.linear), seconds on
 small data. linear --protocol paper: the authors' protocol (smog.paper_linear) on augmented images, under
@@ -36,7 +37,7 @@ def _positive(kind):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smog eval", description=__doc__)
     parser.add_argument("protocol", choices=("knn", "linear"))
-    parser.add_argument("checkpoint")
+    parser.add_argument("checkpoint", help="a checkpoint file or a run directory (its checkpoint.pt)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     parser.add_argument("--protocol", dest="linear_protocol", choices=("auto", "features", "paper"), default="auto",
                         help="linear only: features (pre-extracted centre crops) or paper (augmented images)")
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=_positive(float), help="linear: learning rate (default eval.linear_lr)")
     parser.add_argument("--batch-size", type=_positive(int), default=32, help="paper protocol: images per process")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    if os.path.isdir(args.checkpoint):
+        args.checkpoint = os.path.join(args.checkpoint, "checkpoint.pt")
     try:
+        if not os.path.isfile(args.checkpoint):
+            raise FileNotFoundError(f"no checkpoint at {args.checkpoint}")
         state = checkpoint.load(args.checkpoint)
         cfg = config_from_dict(state["config"], args.overrides)
         device = pick_device(cfg.train.device)

@@ -1,4 +1,4 @@
-"""SMoG's projector and predictor MLPs (SMOG_SPEC.md, "Networks")."""
+"""SMoG's projector and predictor MLPs (docs/method.md, "Networks")."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,6 +1,6 @@
 """The SMoG method: online and momentum networks, H heads of K group features, one iteration's loss.
 
-Per iteration and head h (SMOG_SPEC.md, "One training iteration"), through smog_kernels.grouping_step
+Per iteration and head h (docs/method.md, "One training iteration"), through smog_kernels.grouping_step
 (in bfloat16 under bfloat16 autocast, against a float32 master copy of the groups):
 targets = groups of the momentum z of the two large k crops under G_h; the online z of large q crop
 (h mod 2) are assigned under G_h, their statistics move G_h to G'_h; every q crop's prediction is scored

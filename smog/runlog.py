@@ -1,11 +1,15 @@
-"""Run directory outputs: metrics as JSON lines and PNG plots (loss, kNN accuracy, group usage)."""
+"""Run directory outputs: metrics as JSON lines, TensorBoard event files, PNG plots (loss, kNN accuracy,
+group usage) and, opted in, a Weights & Biases run."""
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 
 import torch
+
+from smog.config import ConfigError
 
 
 def usage(counts: torch.Tensor) -> tuple[int, float]:
@@ -17,16 +21,73 @@ def usage(counts: torch.Tensor) -> tuple[int, float]:
     return nonempty, entropy / math.log(counts.numel()) if counts.numel() > 1 else 0.0
 
 
-class RunLog:
-    """Appends JSON records to metrics.jsonl and redraws the plots from it."""
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers as {"kind/name": value}; lists (one entry per head) as "kind/name/h"."""
+    kind, out = record.get("kind", "record"), {}
+    for key, value in record.items():
+        if key in ("kind", "step"):
+            continue
+        if isinstance(value, dict):
+            out.update({f"{kind}/{key}/{k}": float(v) for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            out.update({f"{kind}/{key}/{h}": float(v) for h, v in enumerate(value)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{kind}/{key}"] = float(value)
+    return out
 
-    def __init__(self, run_dir: str):
+
+def wandb_module():
+    """The wandb package, or a ConfigError saying how to get it (train.wandb=true needs it)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb=true needs the wandb package: pip install wandb "
+                          "(or set train.wandb=false)") from None
+    return wandb
+
+
+class RunLog:
+    """Appends JSON records to metrics.jsonl, mirrors their numbers to TensorBoard (when `tensorboard`
+    and the package are there) and to Weights & Biases (when `wandb` is a dict of wandb.init arguments),
+    and redraws the plots from metrics.jsonl. Writers open on the first record (rank 0 only writes)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = False, wandb: dict | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.run_dir = run_dir
+        self.tensorboard, self.wandb_args = tensorboard, wandb
+        self.board, self.wandb, self.purge_step = None, None, None
+        if wandb is not None:
+            wandb_module()  # a missing package fails before any training
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as out:
             out.write(json.dumps(record) + "\n")
+        numbers, step = scalars(record), int(record.get("step", 0))
+        if self.tensorboard and (board := self._board()) is not None:
+            for tag, value in numbers.items():
+                board.add_scalar(tag, value, step)
+            board.flush()
+        if self.wandb_args is not None:
+            if self.wandb is None:
+                self.wandb = wandb_module().init(dir=self.run_dir, **self.wandb_args)
+            self.wandb.log(numbers, step=step)
+
+    def _board(self):
+        """The TensorBoard writer (None when the tensorboard package is not installed)."""
+        if self.board is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.tensorboard = False
+                return None
+            self.board = SummaryWriter(self.run_dir, purge_step=self.purge_step)
+        return self.board
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def records(self) -> list[dict]:
         if not os.path.isfile(self.path):
@@ -37,12 +98,15 @@ class RunLog:
     def restart(self) -> None:
         """Start an empty log (a fresh run in a directory that holds an earlier run's records)."""
         open(self.path, "w").close()
+        for events in glob.glob(os.path.join(self.run_dir, "events.out.tfevents.*")):
+            os.remove(events)
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than `step` (after a resume from an earlier checkpoint)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         with open(self.path, "w") as out:
             out.writelines(json.dumps(r) + "\n" for r in kept)
+        self.purge_step = step + 1  # TensorBoard hides the dropped steps' events too
 
     def plot(self) -> None:
         import matplotlib

@@ -46,6 +46,7 @@ def run(cfg: Config, resume: str = "") -> dict:
     trainer = Trainer(cfg)
     trainer.resume(resume)
     record = trainer.fit()
+    trainer.log.close()
     table = ""
     if cfg.eval.baselines and trainer.dist.main and "knn" in record:
         table = baseline_table(trainer, record["knn"])

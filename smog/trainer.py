@@ -121,7 +121,9 @@ class Trainer:
         self.autocast = cfg.train.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.epoch, self.step, self.step_in_epoch, self.bank_ready = 0, 0, 0, False
         self.meter = self._empty_meter()
-        self.log = RunLog(self.run_dir)
+        wandb = {"project": cfg.train.wandb_project, "name": cfg.train.run_name or cfg.name, "config": to_dict(cfg),
+                 "resume": "allow"} if cfg.train.wandb and self.dist.main else None
+        self.log = RunLog(self.run_dir, tensorboard=cfg.train.tensorboard, wandb=wandb)
 
     # ----------------------------------------------------------------- state
     def _empty_meter(self) -> dict:

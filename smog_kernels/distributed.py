@@ -1,7 +1,7 @@
 """Group statistics and spherical k-means across processes (torch.distributed: gloo, NCCL).
 
 SMoG's groups must be identical on every rank and equal to what one process holding the whole
-global batch computes (SMOG_SPEC.md, step 3). Two strategies give the global statistics
+global batch computes (docs/method.md, "One training iteration", step 3). Two strategies give the global statistics
 (sums float32 [K, D], counts int64 [K]); W = world size, N = rows per rank (the largest rank's),
 e = bytes per feature element:
 

@@ -1,7 +1,13 @@
 """Data: multi-crop shapes, crops seeded by (seed, epoch, index), the resumable sampler, Fashion-MNIST files."""
 from __future__ import annotations
 
+import gzip
 import os
+import subprocess
+import sys
+import time
+
+import numpy as np
 
 import pytest
 import torch
@@ -60,3 +66,44 @@ def test_image_folder_split_loads_and_evaluates_at_the_crop_size(tmp_path):
     assert [tuple(x.shape) for x in images] == [(3, 16, 16)] * 2 and list(labels) == [0, 1]
     with pytest.raises(Exception, match="train/ and val/"):
         load_split(load_config("digits", ["data.name=folder", f"data.root={tmp_path / 'none'}"]).data, "train")
+
+
+def _write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """The idx format by its definition: 0, 0, type 0x08 (uint8), dims, big-endian sizes, then the bytes."""
+    os.makedirs(folder, exist_ok=True)
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+        with gzip.open(os.path.join(folder, f"{prefix}-{kind}-ubyte.gz"), "wb") as out:
+            out.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_found_in_torchvision_layout_under_root_after_debian(tmp_path, monkeypatch):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 251
+    _write_idx(tmp_path / "root" / "FashionMNIST" / "raw", "t10k", images, np.array([7, 0, 3]))
+    monkeypatch.setenv("SMOG_DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))  # no Debian copy
+    cfg = load_config("quickstart", [f"data.root={tmp_path / 'root'}", "data.download=never"])
+    test = load_split(cfg.data, "test")
+    assert test.images.shape == (3, 1, 28, 28) and test.labels.tolist() == [7, 0, 3]
+    assert torch.equal(test.images[:, 0], torch.from_numpy(images.astype(np.uint8)))
+    _write_idx(tmp_path / "debian", "t10k", images[:2] + 1, np.array([1, 2]))  # Debian's copy comes first
+    assert load_split(cfg.data, "test").labels.tolist() == [1, 2]
+    monkeypatch.setenv("SMOG_DATA", str(tmp_path / "root"))  # data.root empty: the cache folder
+    monkeypatch.setenv("SMOG_DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
+    assert load_split(load_config("quickstart", ["data.download=never"]).data, "test").labels.tolist() == [7, 0, 3]
+
+
+def test_smog_train_offline_without_data_lists_the_three_ways_within_seconds(tmp_path):
+    """The README's `smog train` on a machine without the data and without network (proxies pointed
+    at a closed local port): it stops with the three ways to get the data, having tried the download."""
+    env = {**os.environ, "SMOG_DEBIAN_FASHION_MNIST": str(tmp_path / "debian"), "SMOG_DATA": str(tmp_path / "cache"),
+           "HOME": str(tmp_path), "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "smog.cli", "train", f"train.out_dir={tmp_path / 'runs'}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    assert "the download failed" in done.stderr and "Traceback" not in done.stderr
+    for way in ("apt-get install dataset-fashion-mnist", str(tmp_path / "cache"), "data.download=auto"):
+        assert way in done.stderr
+    assert seconds < 60, f"took {seconds:.0f} s"

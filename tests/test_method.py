@@ -1,4 +1,4 @@
-"""One training iteration against a hand-written step built from smog_kernels.reference (SMOG_SPEC.md order)."""
+"""One training iteration against a hand-written step built from smog_kernels.reference (docs/method.md order)."""
 from __future__ import annotations
 
 import copy

@@ -105,6 +105,10 @@ def test_smog_train_quickstart_end_to_end_then_eval(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     record = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
     assert report["k200_t0.1"] == record["knn"]["k200_t0.1"]  # same features, same kNN as at the end of training
+    assert smog_main(["eval", "knn", str(run)]) == 0  # a run directory: its checkpoint.pt
+    assert json.loads(capsys.readouterr().out)["k200_t0.1"] == record["knn"]["k200_t0.1"]
+    assert smog_main(["eval", "knn", str(tmp_path)]) == 2  # a directory without a checkpoint
+    assert f"no checkpoint at {tmp_path / 'checkpoint.pt'}" in capsys.readouterr().err
     assert smog_main(["eval", "linear", str(run / "checkpoint.pt"), "eval.linear_epochs=2"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["linear_top1"] <= 100
     assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]

@@ -137,12 +137,14 @@ def test_unknown_recipe_lists_the_packaged_ones():
         load_config("no_such_recipe")
 
 
-def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):
-    cfg = load_config("quickstart", [f"data.root={tmp_path}"])
-    with pytest.raises(DatasetNotFound, match=f"(?s){tmp_path}.*download=true"):
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOG_DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    cfg = load_config("quickstart", [f"data.root={tmp_path}", "data.download=never"])
+    with pytest.raises(DatasetNotFound, match=f"(?s){tmp_path / 'debian'}.*{tmp_path}.*data.download=never.*"
+                                              f"apt-get install dataset-fashion-mnist.*data.root.*data.download=auto"):
         load_split(cfg.data, "train")
-    cfg = load_config("quickstart", [f"data.root={tmp_path}", "data.name=cifar10"])
-    with pytest.raises(DatasetNotFound, match="data.download=true"):
+    cfg = load_config("quickstart", [f"data.root={tmp_path}", "data.name=cifar10", "data.download=never"])
+    with pytest.raises(DatasetNotFound, match="data.download=auto"):
         load_split(cfg.data, "train")
 
 

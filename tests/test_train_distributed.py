@@ -17,7 +17,7 @@ rank 1 die with os._exit in the middle of a step.
    per-sample map and everything the distribution does -- the sampler's shards, the all-reduced group
    statistics, DDP's gradient average, the loss as a mean of local means, LARS, EMA -- must reproduce
    the single process. Re-clustering is off (method.recluster_every=0): distributed k-means draws its
-   initial rows on rank 0 from rank 0's shard of the memory bank (SMOG_SPEC.md, "Re-clustering") and one
+   initial rows on rank 0 from rank 0's shard of the memory bank (docs/method.md, "Re-clustering") and one
    process from its whole bank, so the starting groups would differ by design (tests/test_distributed.py
    checks distributed k-means against one process for the same init; the next test covers it in
    training). Group momentum is 0.5 so every step moves the groups far more than the tolerance.
