@@ -103,8 +103,8 @@ def _stages(net: nn.Module) -> list[nn.Module]:
 
 def checkpoint_stages(net: nn.Module) -> nn.Module:
     """Wrap each stage of `net` (in place) in torch's non-reentrant activation checkpoint; state dicts are
-    unchanged (parameter names gain `_checkpoint_wrapped_module.`). BatchNorm layers inside a stage see its forward twice per step (their
-    running statistics move twice), as under the authors' --checkpoint_model."""
+    unchanged (parameter names gain `_checkpoint_wrapped_module.`). BatchNorm layers inside a stage run
+    twice per step (their running statistics move twice), as under the authors' --checkpoint_model."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
                                                                              checkpoint_wrapper)
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(cfg)
         model.load_state_dict(state["model"])
         backbone = model.online.backbone.to(device)
-        protocol = args.linear_protocol if args.linear_protocol != "auto" else ("paper" if cfg.data.name == "folder" else "features")
+        protocol = args.linear_protocol
+        if protocol == "auto":
+            protocol = "paper" if cfg.data.name == "folder" else "features"
         epochs = args.epochs or cfg.eval.linear_epochs
         lr = args.lr or cfg.eval.linear_lr
         main_process = True

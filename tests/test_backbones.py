@@ -38,8 +38,9 @@ def test_resnet50w2_doubles_every_width_of_resnet50():
 
 
 def _model(backbone: str, checkpoint: bool, size: int) -> SMoG:
-    cfg = load_config("digits", [f"model.backbone={backbone}", "model.small_stem=true", f"model.checkpoint={checkpoint}",
-                                 f"data.large_size={size}", f"data.small_size={size // 2}"])
+    cfg = load_config("digits", [f"model.backbone={backbone}", "model.small_stem=true",
+                                 f"model.checkpoint={checkpoint}", f"data.large_size={size}",
+                                 f"data.small_size={size // 2}"])
     torch.manual_seed(0)
     return SMoG(build_backbone(cfg.model, 3, size), cfg)
 
