@@ -230,7 +230,7 @@ def test_kernel_benchmark_runs(tmp_path):
     timed = {(r["op"], r["impl"]) for r in report["results"] if "median_s" in r}
     for op in kernels.OPS:
         assert (op, "fused") in timed and (op, "reference") in timed
-    assert {(kernels.LOSS_T1, "torch chunked CE"), (kernels.LOSS_T2, "torch chunked CE")} <= timed
+    assert {(op, peer) for op in (kernels.LOSS_T1, kernels.LOSS_T2) for peer in kernels.TORCH_CE} <= timed
     assert all(r["median_s"] > 0 for r in report["results"] if "median_s" in r)
     assert report["kmeans"]["results"]["fused"]["median_s"] > 0
     assert {t["target"] for t in report["targets"]} >= {"assign: fused / one bare product"}
@@ -242,6 +242,15 @@ def test_the_torch_cross_entropy_peer_computes_smogs_loss():
     from smog.benchmarks import kernels
 
     for op in (kernels.LOSS_T1, kernels.LOSS_T2):
-        peer = kernels.make_case(op, "torch chunked CE", 300, 40, 16)()
         reference = kernels.make_case(op, "reference", 300, 40, 16)()
-        assert (peer - reference).abs().max() <= 1e-6 * reference.abs().max(), op
+        for peer in kernels.TORCH_CE:
+            got = kernels.make_case(op, peer, 300, 40, 16)()
+            assert (got - reference).abs().max() <= 1e-6 * reference.abs().max(), (op, peer)
+
+
+def test_kernel_benchmark_refuses_a_shape_outside_its_set(capsys):
+    from smog.benchmarks import kernels
+
+    with pytest.raises(SystemExit) as exit_info:
+        kernels.main(["--shapes", "small", "--only", "1", "2", "3"])
+    assert exit_info.value.code == 2 and "not in --shapes small" in capsys.readouterr().err
