@@ -1,25 +1,25 @@
-"""Per-process memory bank: online z of the two large q crops, one row per (global) dataset index."""
+"""Per-process memory bank: online z of the update crops (method.update_crops), one row per (global) dataset index."""
 from __future__ import annotations
 
 import torch
 
 
 class MemoryBank:
-    """bank [2, size, D] with a `filled` mask [size]; head h clusters the filled rows of view h mod 2."""
+    """bank [views, size, D] with a `filled` mask [size]; head h clusters the filled rows of view h mod views."""
 
-    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu"):
-        self.bank = torch.zeros(2, size, dim, device=device)
+    def __init__(self, size: int, dim: int, device: torch.device | str = "cpu", views: int = 2):
+        self.bank = torch.zeros(views, size, dim, device=device)
         self.filled = torch.zeros(size, dtype=torch.bool, device=device)
 
     @torch.no_grad()
     def write(self, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """index int64 [N] (dataset indices), rows [2, N, D] -> bank[:, index] = rows."""
+        """index int64 [N] (dataset indices), rows [views, N, D] -> bank[:, index] = rows."""
         index = index.to(self.bank.device)
         self.bank[:, index] = rows.to(self.bank.dtype)
         self.filled[index] = True
 
     def rows(self, view: int) -> torch.Tensor:
-        """The filled rows of view 0 or 1: [n_filled, D]."""
+        """The filled rows of one view: [n_filled, D]."""
         return self.bank[view][self.filled]
 
     @property

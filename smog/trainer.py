@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from smog import checkpoint
 from smog.backbones import build_backbone
-from smog.config import Config, ConfigError, to_dict
+from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
 from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
@@ -42,6 +42,16 @@ def build_model(cfg: Config) -> SMoG:
     info = data_info(cfg.data)
     torch.manual_seed(cfg.train.seed)
     return SMoG(build_backbone(cfg.model, info.channels, info.size), cfg)
+
+
+def swap_roles(q: list[torch.Tensor], k: list[torch.Tensor], step: int, swap: str) -> tuple[list, list]:
+    """The q and k crop sets of `step` (each 2 large crops first): on odd steps the sets swap roles,
+    whole (swap "all", the authors' code) or only their large crops (swap "large")."""
+    if step % 2 == 0:
+        return q, k
+    if swap == "all":
+        return k, q
+    return k[:LARGE_CROPS] + q[LARGE_CROPS:], q[:LARGE_CROPS] + k[LARGE_CROPS:]
 
 
 class Trainer:
@@ -96,7 +106,7 @@ class Trainer:
         if cfg.model.compile:
             self.online = torch.compile(self.online)
         self.optimizer = build_optimizer(self.model.online, cfg.optim)
-        self.bank = MemoryBank(len(self.dataset), cfg.model.dim, self.device)
+        self.bank = MemoryBank(len(self.dataset), cfg.model.dim, self.device, views=len(cfg.method.update_crops))
         self.reduce_stats = stats_reducer(self.dist)
         self.autocast = cfg.train.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.epoch, self.step, self.step_in_epoch, self.bank_ready = 0, 0, 0, False
@@ -184,7 +194,7 @@ class Trainer:
 
     @torch.no_grad()
     def fill_bank(self) -> None:
-        """The no-grad pass before the first epoch: online z of the large q crops of every sample of this process."""
+        """The no-grad pass before the first epoch: online z of the update crops of every sample of this process."""
         # no drop_last anywhere: every sample of this process's shard (padded to equal shards) gets a row
         sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank, shuffle=False)
         loader = make_loader(self.dataset, self.batch_size, self.cfg.data, sampler, pin=self.device.type == "cuda")
@@ -197,7 +207,7 @@ class Trainer:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 # negative steps: the fill pass's crops never repeat a training step's
                 z, _ = self.model.online(self._crops(batch, -2 - i, large_q_only=True)["q"])
-            self.bank.write(batch["index"], z)
+            self.bank.write(batch["index"], z[list(self.cfg.method.update_crops)])
         self.dataset.large_q_only = False
         self.bank_ready = True
 
@@ -210,14 +220,13 @@ class Trainer:
         if every and epoch % every == 0:
             for h in range(self.cfg.method.heads):
                 seed = self.cfg.train.seed * 7919 + epoch * self.cfg.method.heads + h
-                self.model.groups[h] = kmeans(self.bank.rows(h % 2), self.cfg.method.groups,
+                view = h % len(self.cfg.method.update_crops)  # bank view i holds update crop i
+                self.model.groups[h] = kmeans(self.bank.rows(view), self.cfg.method.groups,
                                               self.cfg.method.kmeans_iters, seed, self.cfg.method.backend, self.dist)
 
     def train_step(self, batch: dict) -> float:
         crops = self._crops(batch, self.step)
-        q, k = crops["q"], crops["k"]
-        if self.step % 2 == 1:  # views swap roles every iteration (large crops; small crops stay online)
-            q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
+        q, k = swap_roles(crops["q"], crops["k"], self.step, self.cfg.method.swap)
         lr = learning_rate(self.cfg.optim, self.step, self.steps_per_epoch, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
