@@ -137,11 +137,12 @@ def solarize(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
 
 
 class BatchMultiCrop:
-    """uint8 images [B, C, H, W] (one size, any device) -> {"q": [L large + S small], "k": [L large]}
+    """uint8 images [B, C, H, W] (one size, any device) -> {"q": [L large + S small], "k": [L large + S small]}
     normalised float32 crops on the same device, every random choice drawn from `seed`.
 
     The same recipe as smog.transforms.MultiCrop: q crops blurred (p=1.0) and never solarised; k crops
-    blurred with p=0.1 and solarised with p=0.2; colour jitter p=0.8 on both.
+    blurred with p=0.1 and solarised with p=0.2; colour jitter p=0.8 on both. Drawn in the order q large,
+    q small, k large, k small.
     """
 
     def __init__(self, cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], large: int = 2):
@@ -150,6 +151,7 @@ class BatchMultiCrop:
         self.q_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), Q_BLUR_P, 0.0)
         self.k_large = ViewRecipe(cfg.large_size, tuple(cfg.large_scale), K_BLUR_P, K_SOLARIZE_P)
         self.q_small = ViewRecipe(cfg.small_size, tuple(cfg.small_scale), Q_BLUR_P, 0.0)
+        self.k_small = ViewRecipe(cfg.small_size, tuple(cfg.small_scale), K_BLUR_P, K_SOLARIZE_P)
 
     def view(self, x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torch.Tensor:
         """x float [B, C, H, W] in [0, 1] -> one normalised crop per sample [B, C, size, size]."""
@@ -181,4 +183,5 @@ class BatchMultiCrop:
         if large_q_only:
             return {"q": q}
         q += [self.view(x, self.q_small, g) for _ in range(self.small_crops)]
-        return {"q": q, "k": [self.view(x, self.k_large, g) for _ in range(self.large)]}
+        k = [self.view(x, self.k_large, g) for _ in range(self.large)]
+        return {"q": q, "k": k + [self.view(x, self.k_small, g) for _ in range(self.small_crops)]}

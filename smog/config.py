@@ -55,6 +55,7 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile the backbones
     checkpoint: bool = False  # activation checkpointing of the backbone's stages (recomputed in backward)
+    bn_crops: str = "pooled"  # pooled: one set of BatchNorm statistics over all crop sizes; per_resolution: one per size
 
 
 @dataclass
@@ -73,6 +74,10 @@ class MethodConfig:
     backend: str = "auto"  # smog_kernels backend
     cuda_graphs: bool = False  # replay each head's grouping step from CUDA graphs (one CUDA process only)
     step_dtype: str = "auto"  # rows of the grouping step: auto = bfloat16 under bf16 autocast, else float32
+    swap: str = "all"  # odd iterations swap the q and k crop sets: all crops, or only the large ones
+    target_crops: tuple[int, ...] = (0, 1)  # large k crops whose momentum z give the targets
+    update_crops: tuple[int, ...] = (0, 1)  # head h's update rows: online z of large q crop update_crops[h % len]
+    momentum_small: bool = True  # the momentum network also forwards the small k crops (their BN statistics)
 
 
 @dataclass
@@ -142,6 +147,8 @@ CHOICES = {
     "data.augment_on": ("loader", "device"),
     "data.download": ("auto", "never"),
     "method.step_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "method.swap": ("all", "large"),
+    "model.bn_crops": ("pooled", "per_resolution"),
     "model.backbone": ("small_cnn", "resnet18", "resnet50", "resnet50w2", "swin_t", "vit_b_16"),
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -149,6 +156,7 @@ CHOICES = {
 POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.proj_hidden",
             "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
             "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
+LARGE_CROPS = 2  # large crops per view set (the q and k sets each hold 2 large + data.small_crops small)
 UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
 
 
@@ -272,6 +280,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.small_crops must be >= 0, got {cfg.data.small_crops}")
     if len(cfg.eval.knn_k) != len(cfg.eval.knn_t):
         raise ConfigError(f"eval.knn_k and eval.knn_t must have the same length, got {cfg.eval.knn_k} and {cfg.eval.knn_t}")
+    for key in ("method.target_crops", "method.update_crops"):
+        crops = get(key)
+        if not crops or len(set(crops)) != len(crops) or not all(0 <= c < LARGE_CROPS for c in crops):
+            raise ConfigError(f"{key} must list distinct large-crop indices in [0, {LARGE_CROPS - 1}] (there are "
+                              f"{LARGE_CROPS} large crops per set), got {list(crops)}")
     for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers"):
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)!r}")

@@ -2,9 +2,10 @@
 
 Per iteration and head h (docs/method.md, "One training iteration"), through smog_kernels.grouping_step
 (in bfloat16 under bfloat16 autocast, against a float32 master copy of the groups):
-targets = groups of the momentum z of the two large k crops under G_h; the online z of large q crop
-(h mod 2) are assigned under G_h, their statistics move G_h to G'_h; every q crop's prediction is scored
-against G'_h for both targets. The loss is the mean over heads.
+targets = groups of the momentum z of the target k crops (method.target_crops) under G_h; the online z
+of large q crop update_crops[h mod len] (method.update_crops) are assigned under G_h, their statistics
+move G_h to G'_h; every q crop's prediction is scored against G'_h for every target. The loss is the mean
+over heads. Both networks normalise all crop sizes with one set of BatchNorm statistics (model.bn_crops).
 
 With gradient accumulation (train.accumulate = A > 1, the authors' multi_forward) `GroupCycle` runs the
 step over A sub-batches under one G_h: see its docstring.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,41 +22,59 @@ from torch import nn
 
 import smog_kernels
 from smog.backbones import disable_drop_path, drop_paths
-from smog.config import Config
+from smog.config import LARGE_CROPS, Config
 from smog.heads import predictor, projector
+from smog.pooled_bn import has_batchnorm, pooled_forward
 
 StatsReducer = smog_kernels.StatsReducer
 
 
-def _by_resolution(crops: list[torch.Tensor], net: nn.Module) -> list[torch.Tensor]:
-    """Run `net` once per run of equal-sized crops (large crops together, small crops together)."""
-    outputs: list[torch.Tensor] = []
+def _size_groups(crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Runs of equal-sized crops, each concatenated: V x [N, C, h, w] -> G x [n_g * N, C, h_g, w_g]."""
+    groups: list[torch.Tensor] = []
     start = 0
     while start < len(crops):
         end = start
         while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
             end += 1
-        outputs += list(net(torch.cat(crops[start:end])).chunk(end - start))
+        groups.append(torch.cat(crops[start:end]))
         start = end
-    return outputs
+    return groups
+
+
+def encode(crops: list[torch.Tensor], backbone: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+           bn_crops: str) -> torch.Tensor:
+    """V x [N, C, h, w] -> [V, N, E]: backbone then head over all crops (model.bn_crops).
+
+    pooled: one set of BatchNorm statistics over every crop (smog.pooled_bn) and the head run once over
+    all crops' features; per_resolution: backbone and head run once per crop size.
+    """
+    groups = _size_groups(crops)
+    if bn_crops == "per_resolution":
+        out = torch.cat([head(backbone(x)) for x in groups])
+    else:
+        features = pooled_forward(backbone, groups) if has_batchnorm(backbone) else [backbone(x) for x in groups]
+        out = head(torch.cat(features))
+    return out.view(len(crops), crops[0].shape[0], -1)
 
 
 class OnlineNet(nn.Module):
     """backbone -> projector -> predictor. forward(crops: V x [N, C, h, w]) -> (z [V, N, D], p [V, N, D]), unit rows."""
 
-    def __init__(self, backbone: nn.Module, proj_hidden: int, pred_hidden: int, dim: int):
+    def __init__(self, backbone: nn.Module, proj_hidden: int, pred_hidden: int, dim: int,
+                 bn_crops: str = "pooled"):
         super().__init__()
         self.backbone = backbone
         self.projector = projector(backbone.out_features, proj_hidden, dim)
         self.predictor = predictor(dim, pred_hidden)
+        self.bn_crops = bn_crops
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.projector(self.backbone(x))
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        z = self.projector(features)
         return torch.cat([z, self.predictor(z)], dim=1)
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.stack(_by_resolution(crops, self._encode)).float()
-        z, p = out.chunk(2, dim=2)
+        z, p = encode(crops, self.backbone, self._head, self.bn_crops).float().chunk(2, dim=2)
         return F.normalize(z, dim=2), F.normalize(p, dim=2)
 
 
@@ -66,12 +86,12 @@ class MomentumNet(nn.Module):
         super().__init__()
         self.backbone = disable_drop_path(copy.deepcopy(online.backbone))
         self.projector = copy.deepcopy(online.projector)
+        self.bn_crops = online.bn_crops
         for param in self.parameters():
             param.requires_grad_(False)
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        z = torch.stack(_by_resolution(crops, lambda x: self.projector(self.backbone(x)))).float()
-        return F.normalize(z, dim=2)
+        return F.normalize(encode(crops, self.backbone, self.projector, self.bn_crops).float(), dim=2)
 
 
 @dataclass
@@ -79,7 +99,7 @@ class StepOutput:
     loss: torch.Tensor  # scalar: mean over heads, targets, q crops, samples
     groups: torch.Tensor  # [H, K, D]: the updated groups G'
     counts: torch.Tensor  # int64 [H, K]: members of each group in this step's update rows
-    bank_rows: torch.Tensor  # [V, N, D]: online z of the update crops (detached), for the memory bank
+    bank_rows: torch.Tensor  # [U, N, D]: online z of the update crops (detached), for the memory bank
 
 
 class SMoG(nn.Module):
@@ -88,12 +108,14 @@ class SMoG(nn.Module):
     def __init__(self, backbone: nn.Module, cfg: Config):
         super().__init__()
         self.cfg = cfg.method
-        self.online = OnlineNet(backbone, cfg.model.proj_hidden, cfg.model.pred_hidden, cfg.model.dim)
+        self.small_crops = cfg.data.small_crops
+        self.online = OnlineNet(backbone, cfg.model.proj_hidden, cfg.model.pred_hidden, cfg.model.dim,
+                                cfg.model.bn_crops)
         self.momentum = MomentumNet(self.online)
         groups = F.normalize(torch.randn(cfg.method.heads, cfg.method.groups, cfg.model.dim), dim=2)
         self.register_buffer("groups", groups)
         # large q crops whose online z move the groups and fill the memory bank: head h takes view h mod len
-        self.update_crops = [0, 1]
+        self.update_crops = list(cfg.method.update_crops)
         self._graphed: list[smog_kernels.GraphedGroupingStep] | None = None  # one per head (method.cuda_graphs)
 
     @torch.no_grad()
@@ -113,13 +135,29 @@ class SMoG(nn.Module):
             for k_buf, q_buf in zip(target.buffers(), source.buffers()):
                 k_buf.copy_(q_buf)
 
+    def forward_crops(self, online: nn.Module, q: list[torch.Tensor], k: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both networks over one iteration's crops. online: self.online or its DDP wrapper; q, k: the q and
+        k crop sets, each L large crops first, then data.small_crops small ones.
+        Returns (z_k [T, N, D] of the target crops, z [L, N, D] of the large q crops, p [V, N, D] of every
+        q crop)."""
+        large = len(q) - self.small_crops
+        if len(k) != len(q) or large < LARGE_CROPS:
+            raise ValueError(f"q and k must each hold {LARGE_CROPS} large + data.small_crops={self.small_crops} "
+                             f"small crops, got {len(q)} q and {len(k)} k crops")
+        z_q, p_q = online(q)
+        with torch.no_grad():  # targets: momentum z of the target crops; pooled with them, the small crops'
+            # BatchNorm statistics shape the targets (per resolution they could not: not forwarded)
+            momentum_in = [k[i] for i in self.cfg.target_crops]
+            pooled = self.momentum.bn_crops == "pooled"
+            z_k = self.momentum(momentum_in + (k[large:] if self.cfg.momentum_small and pooled else []))
+            z_k = z_k[:len(momentum_in)]
+        return z_k, self.update_rows(q[:large], z_q[:large]), p_q
+
     def step(self, online: nn.Module, q: list[torch.Tensor], k: list[torch.Tensor], beta: float,
              reduce_stats: StatsReducer | None = None) -> StepOutput:
-        """One iteration's loss. online: self.online or its DDP wrapper; q: q crops (2 large first), k: 2 large crops."""
-        z_q, p_q = online(q)
-        with torch.no_grad():
-            z_k = self.momentum(k)
-        z_q = self.update_rows(q, z_q)
+        """One iteration's loss (crops as in `forward_crops`)."""
+        z_k, z_q, p_q = self.forward_crops(online, q, k)
         dtype = self.step_dtype(z_q.device)  # the groups stay float32: a master copy under 16-bit rows
         rows_k, rows_q, rows_p = z_k.to(dtype), z_q.to(dtype), p_q.to(dtype)
         losses, groups, counts = [], [], []
@@ -140,19 +178,19 @@ class SMoG(nn.Module):
         """The q crop whose online z move head `head`'s groups (bank view head mod len(update_crops))."""
         return self.update_crops[head % len(self.update_crops)]
 
-    def update_rows(self, q: list[torch.Tensor], z_q: torch.Tensor) -> torch.Tensor:
-        """The online z [2, N, D] of the large q crops (update_crops index them). With drop path in the online
-        backbone (training) they come from a second, no-grad forward with drop path off, as the authors
-        recompute them for Swin (then no gradient flows through them, whatever method.grad_into_groups);
-        otherwise they are z_q[:2]."""
+    def update_rows(self, large: list[torch.Tensor], z_large: torch.Tensor) -> torch.Tensor:
+        """The online z [L, N, D] of the large q crops (update_crops index them), given their crops and z from
+        the training forward. With drop path in the online backbone (training) they come from a second,
+        no-grad forward with drop path off, as the authors recompute them for Swin (then no gradient flows
+        through them, whatever method.grad_into_groups); otherwise they are z_large."""
         paths = drop_paths(self.online.backbone)
         if not (paths and self.online.training):
-            return z_q[:2]
+            return z_large
         for m in paths:
             m.train(False)
         try:
             with torch.no_grad():
-                z, _ = self.online(q[:2])
+                z, _ = self.online(large)
         finally:
             for m in paths:
                 m.train(True)
@@ -197,10 +235,7 @@ class GroupCycle:
         """One sub-batch's loss (against G', else G) and bank rows; on the last one also G' [H, K, D] and
         the cycle's (global) counts [H, K], else G and the counts so far on this process."""
         model, cfg = self.model, self.model.cfg
-        z_q, p_q = online(q)
-        with torch.no_grad():
-            z_k = model.momentum(k)
-        z_q = model.update_rows(q, z_q)
+        z_k, z_q, p_q = model.forward_crops(online, q, k)
         dtype = model.step_dtype(z_q.device)
         t, n, d = z_k.shape
         rows_k, rows_p = z_k.to(dtype).reshape(t * n, d), p_q.to(dtype)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from smog import checkpoint
 from smog.backbones import build_backbone
-from smog.config import Config, ConfigError, to_dict
+from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
 from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
@@ -53,6 +53,16 @@ def build_model(cfg: Config) -> SMoG:
     info = data_info(cfg.data)
     torch.manual_seed(cfg.train.seed)
     return SMoG(build_backbone(cfg.model, info.channels, info.size), cfg)
+
+
+def swap_roles(q: list[torch.Tensor], k: list[torch.Tensor], step: int, swap: str) -> tuple[list, list]:
+    """The q and k crop sets of `step` (each 2 large crops first): on odd steps the sets swap roles,
+    whole (swap "all", the authors' code) or only their large crops (swap "large")."""
+    if step % 2 == 0:
+        return q, k
+    if swap == "all":
+        return k, q
+    return k[:LARGE_CROPS] + q[LARGE_CROPS:], q[:LARGE_CROPS] + k[LARGE_CROPS:]
 
 
 class Trainer:
@@ -315,9 +325,7 @@ class Trainer:
         losses, written = [], []
         for i, sub in enumerate(parts):
             crops = self._crops(sub, self.step * accumulate + i)
-            q, k = crops["q"], crops["k"]
-            if self.step % 2 == 1:  # views swap roles every step (large crops; small crops stay online)
-                q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
+            q, k = swap_roles(crops["q"], crops["k"], self.step, self.cfg.method.swap)
             last = i == accumulate - 1
             with self._grad_sync(last):
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):

@@ -1,7 +1,8 @@
 """SMoG's asymmetric multi-crop augmentations on torchvision.transforms.v2.
 
-q set: 2 large crops (Gaussian blur p=1.0, no solarisation) + `small_crops` small crops; k set: 2 large
-crops (blur p=0.1, solarisation p=0.2). Colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and grayscale p=0.2 on
+q set: 2 large + `small_crops` small crops, Gaussian blur p=1.0, no solarisation; k set: 2 large +
+`small_crops` small crops, blur p=0.1, solarisation p=0.2 (the sets swap roles on odd iterations, small
+crops included). Colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and grayscale p=0.2 on
 colour images; brightness/contrast jitter only on grey ones. Inputs are uint8 tensors [C, H, W].
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int,
 
 
 class MultiCrop:
-    """uint8 image [C, H, W] -> {"q": [L large + S small crops], "k": [L large crops]} (float, normalised).
+    """uint8 image [C, H, W] -> {"q": [L large + S small crops], "k": [L large + S small crops]} (float, normalised).
 
     L = `large` (2 for SMoG: two targets; 1 gives the plain two-view pair other recipes use).
     """
@@ -52,6 +53,7 @@ class MultiCrop:
         self.q_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, Q_BLUR_P, 0.0)
         self.k_large = _view(cfg, cfg.large_size, cfg.large_scale, channels, mean, std, K_BLUR_P, K_SOLARIZE_P)
         self.q_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, Q_BLUR_P, 0.0)
+        self.k_small = _view(cfg, cfg.small_size, cfg.small_scale, channels, mean, std, K_BLUR_P, K_SOLARIZE_P)
         self.small_crops, self.large = cfg.small_crops, large
 
     def __call__(self, image: torch.Tensor, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
@@ -60,7 +62,8 @@ class MultiCrop:
         if large_q_only:
             return {"q": q}
         q += [self.q_small(image) for _ in range(self.small_crops)]
-        return {"q": q, "k": [self.k_large(image) for _ in range(self.large)]}
+        k = [self.k_large(image) for _ in range(self.large)]
+        return {"q": q, "k": k + [self.k_small(image) for _ in range(self.small_crops)]}
 
 
 def clean_transform(size: int, native: int, mean: tuple[float, ...], std: tuple[float, ...]) -> v2.Compose:

@@ -23,42 +23,79 @@ def first_batch(trainer: Trainer) -> dict:
     return next(iter(trainer._batches(trainer.epoch, 0)))
 
 
+def list_forward(net: torch.nn.Sequential, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A Sequential over crop groups as the authors' code runs it: each BatchNorm layer sees every group's
+    pixels flattened side by side into one [1, C, sum of N*H*W, 1] batch."""
+    for layer in net:
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            flat = torch.cat([x.transpose(0, 1).flatten(1) for x in xs], dim=1)
+            out = layer(flat[None, :, :, None])[0, :, :, 0]
+            sizes = [x.numel() // x.shape[1] for x in xs]
+            xs = [o.reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1).contiguous()
+                  for o, x in zip(out.split(sizes, dim=1), xs)]
+        else:
+            xs = [layer(x) for x in xs]
+    return xs
+
+
 def hand_step(model, batch: dict, step: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The spec's iteration written out with reference ops: (loss, updated groups [H, K, D], bank rows [2, N, D]).
 
-    Crops of one size go through a network together (one BatchNorm batch), as the trainer does.
+    bn_crops=pooled (swap all): one BatchNorm batch over all crop sizes (list_forward), heads once over
+    all crops, the momentum network forwards its target crops and the small k crops, whole sets swap.
+    bn_crops=per_resolution (swap large): crops of one size go through a network together; only the
+    large crops swap.
     """
     q, k = list(batch["q"]), list(batch["k"])
+    pooled = cfg.model.bn_crops == "pooled"
     if step % 2 == 1:
-        q[0], q[1], k[0], k[1] = k[0], k[1], q[0], q[1]
-    online = model.online
-    z_q, p_q = [], []
-    for size_group in (q[:2], q[2:]):
-        if not size_group:
-            continue
-        h = online.projector(online.backbone(torch.cat(size_group)))
-        z_q += list(F.normalize(h, dim=1).chunk(len(size_group)))
-        p_q += list(F.normalize(online.predictor(h), dim=1).chunk(len(size_group)))
-    with torch.no_grad():
-        z_k = F.normalize(model.momentum.projector(model.momentum.backbone(torch.cat(k))), dim=1).chunk(2)
+        q, k = (k, q) if cfg.method.swap == "all" else (k[:2] + q[2:], q[:2] + k[2:])
+    online, momentum = model.online, model.momentum
+    n = q[0].shape[0]
+    targets_in = [k[i] for i in cfg.method.target_crops]
+    if pooled:
+        feats = list_forward(online.backbone, [torch.cat(q[:2]), torch.cat(q[2:])])
+        h = online.projector(torch.cat(feats))
+        z_q, p_q = F.normalize(h, dim=1).split(n), F.normalize(online.predictor(h), dim=1).split(n)
+        with torch.no_grad():
+            feats_k = list_forward(momentum.backbone, [torch.cat(targets_in), torch.cat(k[2:])])
+            z_k = F.normalize(momentum.projector(torch.cat(feats_k)), dim=1).split(n)[:len(targets_in)]
+    else:
+        z_q, p_q = [], []
+        for size_group in (q[:2], q[2:]):
+            h = online.projector(online.backbone(torch.cat(size_group)))
+            z_q += list(F.normalize(h, dim=1).chunk(len(size_group)))
+            p_q += list(F.normalize(online.predictor(h), dim=1).chunk(len(size_group)))
+        with torch.no_grad():
+            z_k = F.normalize(momentum.projector(momentum.backbone(torch.cat(targets_in))), dim=1).split(n)
     beta = group_momentum(cfg.method, step, 10 ** 9)
+    update = cfg.method.update_crops
     losses, groups = [], []
     for h in range(cfg.method.heads):
         g = model.groups[h]
+        rows = z_q[update[h % len(update)]].detach()
         targets = [reference.assign(z, g)[0] for z in z_k]  # 1. targets under G (before the update)
-        index, _ = reference.assign(z_q[h % 2].detach(), g)  # 2. assignment of q crop h mod 2
-        sums, counts = reference.group_stats(z_q[h % 2].detach(), index, g.shape[0])  # 3. statistics
+        index, _ = reference.assign(rows, g)  # 2. assignment of q crop update_crops[h mod len]
+        sums, counts = reference.group_stats(rows, index, g.shape[0])  # 3. statistics
         g_new = reference.momentum_update(g, sums, counts, beta)  # 4. momentum update
-        for t in targets:  # 5. every q crop against G' for both targets
+        for t in targets:  # 5. every q crop against G' for every target
             for p in p_q:
                 losses.append(F.cross_entropy(p @ g_new.T / cfg.method.temperature, t))
         groups.append(g_new)
-    return torch.stack(losses).mean(), torch.stack(groups), torch.stack(z_q[:2]).detach()
+    return torch.stack(losses).mean(), torch.stack(groups), torch.stack([z_q[i] for i in update]).detach()
 
 
-@pytest.mark.parametrize("step", [0, 1])
-def test_one_step_matches_hand_written_reference(tmp_path, step):
-    trainer = make_trainer(tmp_path)
+STEP_VARIANTS = [  # (overrides, step)
+    ((), 0), ((), 1),
+    (("model.bn_crops=per_resolution", "method.swap=large"), 1),
+    (("method.target_crops=[1]", "method.update_crops=[1]"), 1),
+    (("method.target_crops=[1, 0]", "method.update_crops=[1, 0]", "model.bn_crops=per_resolution"), 0),
+]
+
+
+@pytest.mark.parametrize("overrides, step", STEP_VARIANTS)
+def test_one_step_matches_hand_written_reference(tmp_path, overrides, step):
+    trainer = make_trainer(tmp_path, *overrides)
     trainer.fill_bank()
     trainer.start_epoch(0)
     trainer.total_steps = 10 ** 9  # beta and EMA schedules as in hand_step

@@ -116,6 +116,9 @@ def test_imagenet_recipe_is_the_papers():
     cfg = load_config("imagenet_resnet50")
     assert (cfg.method.heads, cfg.method.groups, cfg.data.small_crops, cfg.data.large_size) == (3, 3000, 4, 224)
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.epochs, cfg.model.backbone) == ("lars", 4.8, 400, "resnet50")
+    # the authors' crop roles: unified BatchNorm, whole-set swap, crops_for_assign = crops_for_q = [0, 1]
+    assert (cfg.model.bn_crops, cfg.method.swap, cfg.method.momentum_small) == ("pooled", "all", True)
+    assert (cfg.method.target_crops, cfg.method.update_crops) == ((0, 1), (0, 1))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -126,6 +129,12 @@ def test_imagenet_recipe_is_the_papers():
     ("method.groups=0", "method.groups must be positive"),
     ("data.large_scale=[0.2]", "data.large_scale must have 2 entries"),
     ("train", "must look like section.key=value"),
+    ("model.bn_crops=mixed", "model.bn_crops must be one of pooled, per_resolution"),
+    ("method.swap=small", "method.swap must be one of all, large"),
+    ("method.target_crops=[2]", r"method.target_crops must list distinct large-crop indices in \[0, 1\]"),
+    ("method.target_crops=[]", "method.target_crops must list distinct"),
+    ("method.update_crops=[0, 0]", "method.update_crops must list distinct"),
+    ("method.update_crops=[-1]", "method.update_crops must list distinct"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
