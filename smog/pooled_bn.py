@@ -10,8 +10,9 @@ SyncBatchNorm the sums are all-reduced over its process group (autograd-aware), 
 pool every process's crops as well.
 
 The lockstep covers the module types smog's backbones are built from: nn.Sequential, torchvision's
-ResNet and its residual blocks (BasicBlock, Bottleneck), BatchNorm layers, and any module without
-BatchNorm inside (conv, ReLU, pooling, Flatten, Identity), which runs per group. A module holding
+ResNet and its residual blocks (BasicBlock, Bottleneck), stages wrapped by model.checkpoint (the lockstep
+recomputed in the backward pass), BatchNorm layers, and any module without BatchNorm inside (conv, ReLU,
+pooling, Flatten, Identity), which runs per group. A module holding
 BatchNorm layers in any other structure raises ConfigError.
 """
 from __future__ import annotations
@@ -102,6 +103,8 @@ def _resnet(net: nn.Module, xs: Groups) -> Groups:
 def pooled_forward(net: nn.Module, xs: Groups) -> Groups:
     """Run `net` over the groups xs with BatchNorm statistics pooled over all of them; returns one
     output per group. Raises ConfigError for a BatchNorm-holding module of another structure."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.utils.checkpoint import checkpoint
     from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
     if isinstance(net, _BatchNorm):
@@ -116,6 +119,9 @@ def pooled_forward(net: nn.Module, xs: Groups) -> Groups:
         return _residual_block(net, xs)
     if isinstance(net, ResNet):
         return _resnet(net, xs)
+    if isinstance(net, CheckpointWrapper):  # model.checkpoint: the lockstep forward of the stage, recomputed
+        inner = net._checkpoint_wrapped_module
+        return list(checkpoint(lambda *groups: tuple(pooled_forward(inner, list(groups))), *xs, use_reentrant=False))
     raise ConfigError(f"model.bn_crops=pooled cannot pool the BatchNorm statistics of a {type(net).__name__} "
-                      f"(it runs nn.Sequential, torchvision ResNets and their blocks, and modules without "
-                      f"BatchNorm): set model.bn_crops=per_resolution")
+                      f"(it runs nn.Sequential, torchvision ResNets and their blocks, checkpointed stages and "
+                      f"modules without BatchNorm): set model.bn_crops=per_resolution")

@@ -76,7 +76,7 @@ def hand_cycle(model, batch: dict, cfg, beta: float) -> torch.Tensor:
     parts = []
     for i in range(A):
         cut = slice(i * BATCH // A, (i + 1) * BATCH // A)
-        q, kc = [c[cut] for c in batch["q"]], [c[cut] for c in batch["k"]]
+        q, kc = [c[cut] for c in batch["q"]], [batch["k"][t][cut] for t in cfg.method.target_crops]
         h_q = [model.online.projector(model.online.backbone(x)) for x in q]
         z_q = [F.normalize(h, dim=1) for h in h_q]
         p_q = [F.normalize(model.online.predictor(h), dim=1) for h in h_q]

@@ -40,7 +40,7 @@ def test_resnet50w2_doubles_every_width_of_resnet50():
 def _model(backbone: str, checkpoint: bool, size: int) -> SMoG:
     cfg = load_config("digits", [f"model.backbone={backbone}", "model.small_stem=true",
                                  f"model.checkpoint={checkpoint}", f"data.large_size={size}",
-                                 f"data.small_size={size // 2}"])
+                                 f"data.small_size={size // 2}", "data.small_crops=1"])
     torch.manual_seed(0)
     return SMoG(build_backbone(cfg.model, 3, size), cfg)
 
@@ -54,11 +54,13 @@ SWIN_SIZE = 28  # 7 x 7 patches: one attention window
 
 
 def _crops(seed: int, size: int, n: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(2 large + 1 small q crops, 2 large k crops) of random images [n, 3, size, size]."""
+    """(q, k) crop sets of random images, each 2 large [n, 3, size, size] + 1 small (data.small_crops=1)."""
     gen = torch.Generator().manual_seed(seed)
-    q = [torch.randn(n, 3, size, size, generator=gen) for _ in range(2)]
-    q.append(torch.randn(n, 3, size // 2, size // 2, generator=gen))
-    return q, [torch.randn(n, 3, size, size, generator=gen) for _ in range(2)]
+
+    def crops() -> list[torch.Tensor]:
+        return [torch.randn(n, 3, s, s, generator=gen) for s in (size, size, size // 2)]
+
+    return crops(), crops()
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "swin_t"])
