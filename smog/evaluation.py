@@ -8,7 +8,7 @@ from torch.utils.data import Subset
 
 from smog.config import Config
 from smog.data import clean_set, make_loader
-from smog.knn import extract, knn_accuracy
+from smog.knn import extract, knn_accuracies
 from smog.linear import linear_probe
 
 
@@ -52,8 +52,8 @@ def knn_scores(net: nn.Module | None, cfg: Config, device: torch.device | str,
                shard: tuple[int, int] | None = None) -> dict[str, float]:
     """{"k200_t0.1": top-1 %, ...} for every configured (k, T); shard as in `features`."""
     train_f, train_y, test_f, test_y = features(net, cfg, device, shard)
-    return {f"k{k}_t{t:g}": knn_accuracy(train_f, train_y, test_f, test_y, k, t)
-            for k, t in zip(cfg.eval.knn_k, cfg.eval.knn_t)}
+    scores = knn_accuracies(train_f, train_y, test_f, test_y, cfg.eval.knn_k, cfg.eval.knn_t)
+    return {f"k{k}_t{t:g}": score for k, t, score in zip(cfg.eval.knn_k, cfg.eval.knn_t, scores)}
 
 
 def linear_score(net: nn.Module, cfg: Config, device: torch.device | str) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smog.knn import knn_accuracy
+from smog.knn import knn_accuracies, knn_accuracy
 from smog.linear import linear_probe
 
 
@@ -30,6 +30,25 @@ def test_knn_weights_votes_by_similarity():
     query = F.normalize(torch.tensor([[1.0, 0.3]]), dim=1)
     assert knn_accuracy(train_f, train_y, query, torch.tensor([1]), k=3, temperature=0.1) == 100.0
     assert knn_accuracy(train_f, train_y, query, torch.tensor([1]), k=3, temperature=100.0) == 0.0
+
+
+def test_one_pass_over_several_k_equals_each_k_by_its_definition():
+    """Every (k, T) of one knn_accuracies call against a brute force per query: sort all similarities,
+    take the k largest, sum exp(sim / T) per class, predict the largest sum."""
+    train_f, train_y = clusters(300, 4, 0.8)
+    test_f, test_y = clusters(70, 5, 0.8)
+    pairs = [(200, 0.1), (20, 0.07), (1, 0.5), (500, 0.2)]
+    got = knn_accuracies(train_f, train_y, test_f, test_y, [k for k, _ in pairs], [t for _, t in pairs], chunk=16)
+    for (k, t), score in zip(pairs, got):
+        hits = 0
+        for query, label in zip(test_f, test_y):
+            sims = [(float(query @ row), int(y)) for row, y in zip(train_f, train_y)]
+            sims.sort(key=lambda pair: -pair[0])
+            votes = [0.0] * 4
+            for sim, y in sims[:k]:
+                votes[y] += float(torch.tensor(sim / t).exp())
+            hits += int(max(range(4), key=votes.__getitem__) == int(label))
+        assert score == 100.0 * hits / len(test_y), (k, t)
 
 
 def test_linear_probe_learns_separable_classes():
