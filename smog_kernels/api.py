@@ -104,8 +104,8 @@ def spherical_kmeans(
     """k-means on the unit sphere (inner-product assignment, normalised means), `iters` rounds.
 
     x [N, D]; init [K, D] or None for K distinct rows of x drawn with `seed`. Returns
-    (centroids [K, D] in x's dtype, index int64 [N] of the last assignment). Empty groups keep
-    their centroid.
+    (centroids [K, D] in x's dtype, index int64 [N] of the rows under those centroids). Empty
+    groups keep their centroid.
     """
     check.check_kmeans(x, num_groups, iters, init)
     _, ops = resolve_for("assign", backend, x, num_groups)  # assignment is most of a k-means round

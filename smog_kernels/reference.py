@@ -94,7 +94,7 @@ def spherical_kmeans(
     """k-means on the unit sphere: E-step = assign, M-step = normalised group mean, `iters` rounds.
 
     init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (centroids [K, D] in
-    x's dtype, index int64 [N]); index is the last E-step's assignment, i.e. the membership whose
-    means gave the returned centroids. Empty groups keep their centroid.
+    x's dtype, index int64 [N]); index is the assignment under the returned centroids (a final
+    E-step after the last update). Empty groups keep their centroid.
     """
     return lloyd(sys.modules[__name__], x, num_groups, iters, seed, init)
