@@ -106,3 +106,4 @@ def test_training_step_applies_the_rates(tmp_path, step, lr, beta, ema):
     old = dict(model.momentum.named_parameters())
     for name, p in trainer.model.momentum.named_parameters():
         torch.testing.assert_close(p, ema * old[name] + (1 - ema) * online[name], rtol=1e-6, atol=1e-7, msg=name)
+
