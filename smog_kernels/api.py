@@ -97,8 +97,8 @@ def spherical_kmeans(
     """k-means on the unit sphere (inner-product assignment, normalised means), `iters` rounds.
 
     x [N, D]; init [K, D] or None for K distinct rows of x drawn with `seed`. Returns
-    (groups [K, D] in x's dtype, index int64 [N] of the last assignment). An empty group keeps
-    its previous row.
+    (groups [K, D] in x's dtype, index int64 [N] of the rows under those groups). An empty
+    group keeps its previous row.
     """
     check.check_kmeans(x, num_groups, iters, init)
     chosen = resolve(backend, x, num_groups, "assign")  # assignment is most of a k-means round

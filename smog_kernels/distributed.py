@@ -347,7 +347,7 @@ def spherical_kmeans(
     draws K distinct rows of the union in rank order with rank 0's `seed`, exactly as the
     single-process `smog_kernels.spherical_kmeans` on the concatenation would. Every iteration
     all-reduces the statistics. Returns (groups [K, D] in x's dtype, identical on all ranks;
-    index int64 [n] of this rank's rows from the last assignment).
+    index int64 [n] of this rank's rows under the returned groups).
     """
     if world_size(group) == 1:
         check.check_kmeans(x_local, num_groups, iters, init)

@@ -28,7 +28,8 @@ def lloyd(
     """`iters` rounds of E-step = ops.assign and M-step = normalised group mean (ops.momentum_update
     with beta = 0, so empty groups keep their centroid). Centroids are kept in float32 and rounded
     to x's dtype for each E-step. `reduce_stats(sums, counts)` (e.g. an all-reduce over processes)
-    runs between the statistics and the update. Returns (centroids in x's dtype, last index)."""
+    runs between the statistics and the update. Returns (centroids in x's dtype, index of x's rows
+    under those returned centroids: a final E-step, as scikit-learn's labels_)."""
     centroids = initial_centroids(x, num_groups, seed) if init is None else init.float()
     for _ in range(iters):
         index, _ = ops.assign(x, centroids.to(x.dtype))
@@ -36,4 +37,6 @@ def lloyd(
         if reduce_stats is not None:
             sums, counts = reduce_stats(sums, counts)
         centroids = ops.momentum_update(centroids, sums, counts, 0.0)
-    return centroids.to(x.dtype), index
+    centroids = centroids.to(x.dtype)
+    index, _ = ops.assign(x, centroids)
+    return centroids, index

@@ -111,8 +111,8 @@ def spherical_kmeans(
     """k-means on the unit sphere: E-step = assign, M-step = normalised group mean, `iters` rounds.
 
     init [K, D] or None for K distinct rows of x drawn with `seed`. Returns (groups [K, D] in
-    x's dtype, index int64 [N]); index is the last E-step's assignment, i.e. the membership whose
-    means gave the returned groups. An empty group keeps its previous row.
+    x's dtype, index int64 [N]); index is the assignment under the returned groups (a final
+    E-step after the last update). An empty group keeps its previous row.
     """
     return lloyd(REFERENCE, x, num_groups, iters, seed, init)
 

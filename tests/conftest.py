@@ -5,6 +5,7 @@ switched on before triton is imported, hence here.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 import zlib
@@ -18,6 +19,7 @@ if not torch.cuda.is_available():
 from smog_kernels import available_backends  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # optional; smog_kernels.triton itself must import
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not HAS_GPU
 
 
@@ -33,11 +35,12 @@ def fused_backends() -> list:
     gpu = pytest.mark.gpu
     no_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
     cases.append(pytest.param("cuda", "cuda", "full", id="cuda", marks=[gpu, no_gpu]))
+    no_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
     if HAS_GPU:
-        cases.append(pytest.param("triton", "cuda", "full", id="triton", marks=[gpu]))
+        cases.append(pytest.param("triton", "cuda", "full", id="triton", marks=[gpu, no_triton]))
     else:
         interp = pytest.mark.skipif(not INTERPRETED, reason="needs a GPU or TRITON_INTERPRET=1")
-        cases.append(pytest.param("triton", "cpu", "small", id="triton-interpreter", marks=[interp]))
+        cases.append(pytest.param("triton", "cpu", "small", id="triton-interpreter", marks=[interp, no_triton]))
     return cases
 
 

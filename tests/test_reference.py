@@ -102,3 +102,39 @@ def test_grouping_step_follows_the_spec_order(generator):
     assert torch.equal(step.counts, counts)
     assert torch.allclose(step.groups, updated)
     assert torch.allclose(step.loss, torch.stack(losses).mean())
+
+
+def test_momentum_update_by_hand():
+    """beta = 0.5, c = e0: one member e1 -> (e0 + e1) / sqrt 2; two members e1 -> the same (the mean);
+    no member -> e0 unchanged. 16-bit centroids come back in their dtype."""
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    sums = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
+    counts = torch.tensor([1, 2, 0])
+    half = 2.0 ** -0.5
+    want = torch.tensor([[half, half], [half, half], [1.0, 0.0]])
+    torch.testing.assert_close(ref.momentum_update(c, sums, counts, 0.5), want, rtol=0, atol=1e-7)
+    out = ref.momentum_update(c.bfloat16(), sums, counts, 0.5)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+
+
+def test_loss_keeps_the_centroids_out_of_the_graph_by_default(generator):
+    p = unit_rows(5, 4, torch.float32, "cpu", generator).requires_grad_()
+    c = unit_rows(3, 4, torch.float32, "cpu", generator).requires_grad_()
+    ref.group_contrastive_loss(p, c, torch.tensor([0, 1, 2, 0, 1]), 0.5).backward()
+    assert c.grad is None and p.grad is not None
+
+
+def test_reference_kmeans_defaults_are_ten_rounds_from_seed_zero(generator):
+    """spherical_kmeans(x, k): 10 Lloyd rounds from the K rows drawn with seed 0, written out here."""
+    from smog_kernels.kmeans import initial_centroids
+
+    x = unit_rows(60, 5, torch.float32, "cpu", generator)
+    c = initial_centroids(x, 4, 0)
+    for _ in range(10):
+        index = (x.double() @ c.double().T).argmax(1)
+        for g in range(4):
+            if (index == g).any():
+                c[g] = torch.nn.functional.normalize(x[index == g].double().mean(0), dim=0).float()
+    centroids, members = ref.spherical_kmeans(x, 4)
+    torch.testing.assert_close(centroids, c, rtol=0, atol=1e-6)
+    assert torch.equal(members, (x.double() @ centroids.double().T).argmax(1))

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from smog_kernels import reference as ref
-from smog_kernels.parity import REL_TOL, SCORE_TOL, rel_err
+from smog_kernels.parity import FLOAT32_TOL, REL_TOL, SCORE_TOL, rel_err
 from tests.conftest import HAS_GPU, INTERPRETED, unit_rows
 
-T = pytest.importorskip("smog_kernels.triton", reason="triton is not installed")
+pytest.importorskip("triton", reason="triton is not installed")  # an optional package; smog's own module must import
+import smog_kernels.triton as T  # noqa: E402
 from smog_kernels.triton import ops  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -98,12 +99,11 @@ def test_loss_forward_split_k_merge(device, dtype, splits, even_k, split, genera
     targets = torch.randint(0, k, (2, n), generator=generator).to(device)
     lse, tlog, att = T.loss_forward(p, c, targets, 10.0)
     want_lse, want_tlog, want_att, _ = f64_loss_parts(p, c, targets, 10.0)
-    tol = REL_TOL[dtype]
     assert lse.dtype == tlog.dtype == att.dtype == torch.float32
     assert tlog.shape == (2, n) and att.shape == (n, d)
-    assert rel_err(lse, want_lse) <= tol
-    assert rel_err(lse.unsqueeze(0) - tlog, want_lse.unsqueeze(0) - want_tlog) <= tol
-    assert rel_err(att, want_att) <= tol
+    assert rel_err(lse, want_lse) <= FLOAT32_TOL  # exact products of the inputs, float32 sums
+    assert rel_err(lse.unsqueeze(0) - tlog, want_lse.unsqueeze(0) - want_tlog) <= FLOAT32_TOL
+    assert rel_err(att, want_att) <= REL_TOL[dtype]  # probabilities rounded to the inputs' dtype (tensor cores)
 
 
 @pytest.mark.parametrize("device", DEVICES)
