@@ -103,7 +103,7 @@ def test_batch_multicrop_shapes_seeding_and_independent_samples():
     images[1] = images[0]
     out = crops(images, seed=7)
     assert [tuple(v.shape) for v in out["q"]] == [(5, 1, 8, 8)] * 2 + [(5, 1, 4, 4)] * cfg.data.small_crops
-    assert [tuple(v.shape) for v in out["k"]] == [(5, 1, 8, 8)] * 2
+    assert [tuple(v.shape) for v in out["k"]] == [(5, 1, 8, 8)] * 2 + [(5, 1, 4, 4)] * cfg.data.small_crops
     again = crops(images, seed=7)
     for a, b in zip(out["q"] + out["k"], again["q"] + again["k"]):
         assert torch.equal(a, b)  # same seed: same crops

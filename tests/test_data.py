@@ -22,7 +22,7 @@ def test_multicrop_shapes_and_per_sample_seeding():
     dataset = train_set(cfg)
     item = dataset[3]
     assert [tuple(c.shape) for c in item["q"]] == [(1, 8, 8)] * 2 + [(1, 4, 4)] * 2
-    assert [tuple(c.shape) for c in item["k"]] == [(1, 8, 8)] * 2 and item["index"] == 3
+    assert [tuple(c.shape) for c in item["k"]] == [(1, 8, 8)] * 2 + [(1, 4, 4)] * 2 and item["index"] == 3
     again = dataset[3]
     for a, b in zip(item["q"] + item["k"], again["q"] + again["k"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # same (seed, epoch, index): same crops
