@@ -119,7 +119,10 @@ def test_timm_backbone_by_name_reads_its_feature_width(name, width):
 
 def test_timm_backbone_trains_an_epoch_of_digits(tmp_path):
     pytest.importorskip("timm", reason="the timm package is not installed")
-    trainer = trainer_for(tmp_path, "model.backbone=timm/resnet18", "train.epochs=1", "eval.knn_every=0")
+    with pytest.raises(ConfigError, match="model.bn_crops=per_resolution"):  # timm's ResNet: no lockstep forward
+        trainer_for(tmp_path / "pooled", "model.backbone=timm/resnet18", "train.epochs=1").fit()
+    trainer = trainer_for(tmp_path, "model.backbone=timm/resnet18", "model.bn_crops=per_resolution", "train.epochs=1",
+                          "eval.knn_every=0")
     record = trainer.fit()
     assert math.isfinite(record["loss"]) and 0 <= record["knn"]["k20_t0.07"] <= 100
 
