@@ -51,6 +51,15 @@ def require(backend: str) -> None:
                     "build the extension with `pip install --no-build-isolation -e .`")
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists the instruction-set flag (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def unit_rows(n: int, d: int, dtype: torch.dtype, device: str, generator: torch.Generator,
               contiguous: bool = True) -> torch.Tensor:
     """n random unit vectors of dimension d; non-contiguous (a transposed view) when asked."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import smog_kernels as sk
-from tests.conftest import HAS_GPU, INTERPRETED, require
+from tests.conftest import HAS_GPU, INTERPRETED, cpu_has, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -95,19 +95,11 @@ def test_cpu_ties(dtype):
     check_ties("cpu", CPU_PANEL, dtype, "cpu")
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("kernels", ["portable", "avx2"])
 def test_cpu_ties_other_micro_kernels(kernels):
     """The AVX2 and portable running argmax (forced by SMOG_CPU_KERNELS, read once per process)."""
     require("cpu")
-    if kernels == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+    if kernels == "avx2" and not (cpu_has("avx2") and cpu_has("fma")):
         pytest.skip("this CPU has no AVX2 + FMA")
     code = textwrap.dedent("""
         import torch

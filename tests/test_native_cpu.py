@@ -16,6 +16,7 @@ import torch
 from smog_kernels import native
 from smog_kernels import reference as ref
 from smog_kernels.parity import REL_TOL, rel_err
+from tests.conftest import cpu_has
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,19 +115,11 @@ def _in_subprocess(code: str, env: dict[str, str] | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_has(flag: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and flag in line.split() for line in f)
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("kernels", ["portable", "avx2"])
 def test_other_micro_kernels_match_the_reference(kernels):
     """The micro-kernels that CPUs without AVX-512 run (AVX2 + FMA on x86-64, portable loops
     elsewhere), forced through SMOG_CPU_KERNELS, pass the same checks."""
-    if kernels == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+    if kernels == "avx2" and not (cpu_has("avx2") and cpu_has("fma")):
         pytest.skip("this CPU has no AVX2 + FMA")
     code = """
         import json, torch, smog_kernels as sk
