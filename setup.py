@@ -76,6 +76,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "torchvision", "matplotlib"],
     extras_require={"test": ["pytest", "scikit-learn", "tensorboard", "timm"], "triton": ["triton"],
-                    "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"]},
+                    "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"],
+                    "bench": ["lightly>=1.6", "scikit-learn"]},
     entry_points={"console_scripts": ["smog=smog.cli:main"]},
 )

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from smog import checkpoint
 from smog.backbones import build_backbone
+from smog.budget import Budget
 from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
 from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
@@ -360,28 +361,40 @@ class Trainer:
         no_sync = None if last else getattr(self.online, "no_sync", None)
         return no_sync() if no_sync is not None else contextlib.nullcontext()
 
-    def end_epoch(self, seconds: float) -> dict:
+    def end_epoch(self, seconds: float, knn: bool) -> dict:
+        """The epoch's record (kNN top-1 in it when `knn`)."""
         heads = [usage(c) for c in self.meter["counts"]]
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
                   "loss": self.meter["loss"] / max(1, self.meter["steps"]), "seconds": seconds,
                   "nonempty": [n for n, _ in heads], "entropy": [e for _, e in heads]}
-        every = self.cfg.eval.knn_every
-        last = self.epoch + 1 == self.cfg.train.epochs
-        if last or (every and (self.epoch + 1) % every == 0):  # every rank extracts its share of the images
-            shard = (self.dist.rank, self.dist.world) if self.dist.world > 1 else None
-            knn = knn_scores(self.model.online.backbone, self.cfg, self.device, shard)
+        if knn:
+            scores = self.knn()
             if self.dist.main:
-                record["knn"] = knn
+                record["knn"] = scores
         self.meter = self._empty_meter()
         return record
 
+    def knn(self) -> dict[str, float]:
+        """kNN top-1 of the online backbone (every rank extracts its share of the images)."""
+        shard = (self.dist.rank, self.dist.world) if self.dist.world > 1 else None
+        return knn_scores(self.model.online.backbone, self.cfg, self.device, shard)
+
     # ----------------------------------------------------------------- run
-    def fit(self, stop_after_steps: int | None = None) -> dict:
+    def fit(self, stop_after_steps: int | None = None, budget: Budget | None = None) -> dict:
         """Train to cfg.train.epochs (or stop after `stop_after_steps` more steps, checkpointing: an interruption).
 
+        With a `budget` the run instead trains until the budget's training time is spent, stopping at any
+        step: the bank fill, re-clustering and steps run on its clock, the schedules are laid out over it
+        (Budget.total_steps), and kNN is taken when the budget says and at the end, into budget.points and
+        metrics.jsonl, with the clock paused (as for logs, plots and checkpoints). eval.knn_every is unused.
         Returns the last epoch record ({} if stopped early).
         """
         cfg = self.cfg
+        if budget is not None and self.dist.world > 1:
+            raise ConfigError(f"a training-time budget needs one process (this run has {self.dist.world}): each "
+                              f"would stop at another step")
+        if budget is not None:
+            budget.start()
         if self.dist.main:
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
@@ -400,7 +413,7 @@ class Trainer:
         record: dict = {}
         steps_done = 0
         show = cfg.train.progress and self.dist.main
-        while self.epoch < cfg.train.epochs:
+        while self.epoch < cfg.train.epochs if budget is None else not budget.over():
             started = time.perf_counter()  # an epoch's time includes its re-clustering
             if self.step_in_epoch == 0:
                 self.start_epoch(self.epoch)
@@ -408,6 +421,8 @@ class Trainer:
             bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not show,
                        initial=self.step_in_epoch, total=self.steps_per_epoch)
             for batch in bar:
+                if budget is not None:
+                    self.total_steps = budget.total_steps(self.step)
                 loss = self.train_step(batch)
                 self.step += 1
                 self.step_in_epoch += 1
@@ -424,16 +439,38 @@ class Trainer:
                 if interrupted:
                     bar.close()
                     return {}
+                if budget is not None and budget.over():
+                    break
+                if budget is not None and budget.eval_due():
+                    paused = time.perf_counter()
+                    with budget.paused():
+                        point = budget.record(self.step, self.knn())
+                        if self.dist.main:
+                            self.log.write({"kind": "knn", "epoch": self.epoch, **point})
+                    started += time.perf_counter() - paused  # the epoch's time leaves the evaluation out
             bar.close()
-            record = self.end_epoch(time.perf_counter() - started)
-            self.epoch += 1
-            self.step_in_epoch = 0
-            if self.dist.main:
-                self.log.write(record)
-                self.log.plot()
-                if show:
-                    tqdm.write(f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, groups in use "
-                               f"{record['nonempty']}, {record['seconds']:.1f}s" +
-                               (f", kNN {record['knn']}" if "knn" in record else ""))
-            self.save()
+            with budget.paused() if budget is not None else contextlib.nullcontext():
+                record = self._close_epoch(time.perf_counter() - started, budget, show)
+        return record
+
+    def _close_epoch(self, seconds: float, budget: Budget | None, show: bool) -> dict:
+        """Record, log and checkpoint the epoch just trained (with a budget: cut short when the budget is spent)."""
+        every = self.cfg.eval.knn_every
+        if budget is None:
+            knn = self.epoch + 1 == self.cfg.train.epochs or bool(every and (self.epoch + 1) % every == 0)
+        else:
+            knn = budget.over()
+        record = self.end_epoch(seconds, knn)
+        if budget is not None and knn:
+            record["minutes"] = budget.record(self.step, record.get("knn", {}))["minutes"]
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.dist.main:
+            self.log.write(record)
+            self.log.plot()
+            if show:
+                tqdm.write(f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, groups in use "
+                           f"{record['nonempty']}, {record['seconds']:.1f}s" +
+                           (f", kNN {record['knn']}" if "knn" in record else ""))
+        self.save()
         return record
