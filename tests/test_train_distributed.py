@@ -10,7 +10,9 @@ rank 1 die with os._exit in the middle of a step.
 1. 2 ranks vs 1 rank with the same global batch (`test_two_ranks_match_one_rank_...`).
    BatchNorm: the config's SyncBatchNorm option cannot be used here: torch's SyncBatchNorm runs only
    on GPUs, and `model.sync_bn=true` on CPU ranks is refused with a clear error
-   (`test_sync_batchnorm_option_...` checks that it either works or is refused cleanly). Plain BatchNorm in training mode normalises each rank's
+   (`test_sync_batchnorm_option_...` checks that it either works or is refused cleanly; a training-time
+   budget, whose clock would stop each rank at another step, is refused on every rank:
+   `test_a_training_time_budget_...`). Plain BatchNorm in training mode normalises each rank's
    16 rows with their own statistics, so every z (hence every assignment and group) of a 2-rank run
    differs from one process's by design. Both runs therefore put the BatchNorm layers on their running
    statistics (eval mode, set by the driver; the affine weights still train): BN is then a fixed
@@ -138,6 +140,16 @@ if spec.get("kill_step") is not None:  # rank `kill_rank` dies in the middle of 
 if spec["mode"] == "cli":
     from smog.cli import main
     sys.exit(main(spec["argv"]))
+
+if spec["mode"] == "budget":  # Trainer.fit with a training-time budget (smog.budget)
+    from smog.budget import Budget
+    from smog.config import ConfigError, load_config
+    try:
+        Trainer(load_config("digits", spec["overrides"])).fit(budget=Budget(0.05))
+    except ConfigError as error:
+        print(f"ConfigError: {error}")
+        sys.exit(2)
+    sys.exit(0)
 
 # mode "steps": bank fill, start of epoch 0, then `steps` training steps, recording every step
 from smog.config import load_config
@@ -372,6 +384,16 @@ def test_sync_batchnorm_option_on_cpu_ranks_trains_or_is_refused_cleanly(driver,
         assert code == 0 or (code == 2 and "model.sync_bn" in text and "Traceback" not in text), (
             f"rank {rank}: model.sync_bn=true on CPU ranks crashed (exit {code}) instead of training or "
             f"raising ConfigError('model.sync_bn ...'):\n{text[-1500:]}")
+
+
+def test_a_training_time_budget_on_two_ranks_is_refused_before_training(driver, tmp_path):
+    """Each rank's clock would stop it at another step (a collective left waiting): Trainer.fit(budget=...)
+    refuses several processes with a ConfigError on every rank, before the bank fill."""
+    spec = {"mode": "budget", "out": str(tmp_path / "out"),
+            "overrides": [f"train.out_dir={tmp_path}", *COMMON, "train.epochs=1"]}
+    for rank, (code, _, text) in enumerate(start_ranks(driver, spec, WORLD, tmp_path / "logs").wait()):
+        assert code == 2 and "budget needs one process (this run has 2)" in text, (
+            f"rank {rank}: exit {code}, expected the ConfigError:\n{text[-1500:]}")
 
 
 # ---- 2. a rank dies mid-run --------------------------------------------------------------------
