@@ -4,7 +4,8 @@ progress over that clock, and the minutes at which an evaluation is due.
 Time-based schedules: the step count a budget allows is unknown up front (it depends on the machine and
 its load), so the per-step schedules of smog.schedules are called with total_steps = the count that puts
 the current step at the fraction of the budget spent since the first step (Budget.total_steps). The
-schedules then end where the budget ends, however fast the steps run.
+schedules then end where the budget ends, however fast the steps run; a warm-up given in epochs keeps its
+length in steps.
 """
 from __future__ import annotations
 
