@@ -8,11 +8,11 @@ and BYOL's momentum smog.schedules.ema_rate, laid out over the budget's time (Bu
 
 - lightly-smog: bench.lightly_smog's recipe (SGD lr 0.01, momentum 0.9, weight decay 1e-6).
 - byol: lightly's CIFAR-10 benchmark (benchmarks/cifar10 of the lightly repository, lightly 1.5-1.6):
-  BYOLProjectionHead(F, 4096, 256), BYOLPredictionHead(256, 4096, 256), symmetric NegativeCosineSimilarity
+  BYOLProjectionHead(F, 1024, 256), BYOLPredictionHead(256, 1024, 256), symmetric NegativeCosineSimilarity
   0.5 (D(p0, z1) + D(p1, z0)), momentum network by lightly.models.utils.update_momentum at a rate rising
   0.996 -> 1 on a cosine; SGD lr 0.06 x batch / 128, momentum 0.9, weight decay 5e-4, cosine to 0.
-- swav: the same benchmark: SwaVProjectionHead(F, 2048, 128), L2-normalised output, SwaVPrototypes(128,
-  3000) normalised before every step, SwaVLoss() (temperature 0.1, 3 Sinkhorn iterations, epsilon 0.05)
+- swav: the same benchmark: SwaVProjectionHead(F, 512, 128), L2-normalised output, SwaVPrototypes(128,
+  512) normalised before every step, SwaVLoss() (temperature 0.1, 3 Sinkhorn iterations, epsilon 0.05)
   over the two large crops, no queue; Adam lr 1e-3 x batch / 128, weight decay 1e-6, cosine to 0.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ class BYOL(nn.Module):
 
         super().__init__()
         self.backbone = backbone
-        self.projection_head = BYOLProjectionHead(backbone.out_features, 4096, 256)
-        self.prediction_head = BYOLPredictionHead(256, 4096, 256)
+        self.projection_head = BYOLProjectionHead(backbone.out_features, 1024, 256)
+        self.prediction_head = BYOLPredictionHead(256, 1024, 256)
         self.backbone_momentum = copy.deepcopy(backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
@@ -81,8 +81,8 @@ class SwAV(nn.Module):
 
         super().__init__()
         self.backbone = backbone
-        self.projection_head = SwaVProjectionHead(backbone.out_features, 2048, 128)
-        self.prototypes = SwaVPrototypes(128, 3000)
+        self.projection_head = SwaVProjectionHead(backbone.out_features, 512, 128)
+        self.prototypes = SwaVPrototypes(128, 512)
         self.criterion = SwaVLoss()
 
     def trained_parameters(self) -> list[nn.Parameter]:
