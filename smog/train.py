@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from smog.checkpoint import CheckpointError, CheckpointWriteError
 from smog.config import Config, ConfigError, load_config
@@ -54,6 +55,7 @@ def run(cfg: Config, resume: str = "") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     try:
         cfg, resume = parse(sys.argv[1:] if argv is None else argv)
         result = run(cfg, resume)
@@ -63,5 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(error, (ConfigError, DatasetNotFound, CheckpointError, FileNotFoundError)) else 1
     if result["table"]:
         print("\n" + result["table"])
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
     print(f"\nrun directory: {result['run_dir']} (config.yaml, metrics.jsonl, *.png, checkpoint.pt)")
+    print(f"finished in {minutes} min {seconds} s")
     return 0
