@@ -8,16 +8,21 @@ of its own sample only and a sub-batch's rows are exactly the rows the same samp
    under G for every sub-batch, sub-batches before the last scored against G, the last against G', the
    mean of the A sub-batch losses.
 3. A global batch that does not split into A sub-batches per process is refused naming both keys.
+4. The cycle's statistics cross processes in one reduction, on the groups' device; method.backend and
+   method.step_dtype reach every op of the cycle.
 """
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import smog_kernels
 from smog.config import ConfigError, load_config
+from smog.method import GroupCycle
 from smog.schedules import group_momentum
 from smog.trainer import Trainer
 from smog_kernels import reference
@@ -27,9 +32,10 @@ BASE = ["data.train_subset=256", f"train.batch_size={BATCH}", "data.small_crops=
         "method.beta_start=0.5", "method.beta_end=0.5", "data.workers=0"]
 
 
-def frozen_trainer(tmp_path, accumulate: int) -> Trainer:
+def frozen_trainer(tmp_path, accumulate: int, *overrides: str) -> Trainer:
     """A trainer with BatchNorm on running statistics, bank filled and epoch 0's groups clustered."""
-    trainer = Trainer(load_config("digits", [f"train.out_dir={tmp_path}", *BASE, f"train.accumulate={accumulate}"]))
+    trainer = Trainer(load_config("digits", [f"train.out_dir={tmp_path}", *BASE, f"train.accumulate={accumulate}",
+                                             *overrides]))
     for module in trainer.model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -112,6 +118,63 @@ def test_the_cycle_gradient_is_the_mean_of_the_sub_batch_losses_against_g_then_g
     assert grads.keys() == expected.keys() and len(grads) > 0
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def run_cycle(trainer: Trainer, batch: dict, reduce_stats=None):
+    """GroupCycle over the A sub-batches of `batch` (step 0: no view swap) -> the last sub-batch's output."""
+    cycle = GroupCycle(trainer.model, 0.5, reduce_stats)
+    for i in range(A):
+        cut = slice(i * BATCH // A, (i + 1) * BATCH // A)
+        out = cycle.sub_batch(trainer.online, [c[cut] for c in batch["q"]], [c[cut] for c in batch["k"]], i == A - 1)
+    return out
+
+
+def test_a_cycle_reduces_its_statistics_once_across_processes(tmp_path):
+    """The last sub-batch hands the statistics of every head to reduce_stats in one call ([H * K, D] sums,
+    [H * K] counts) and moves G by what it returns: a reducer standing for a second process that saw the
+    same rows doubles the counts and leaves G' (the mean of the members) as it is."""
+    trainer = frozen_trainer(tmp_path, A)
+    batch = next(iter(trainer._batches(0, 0)))
+    heads, k, d = trainer.model.groups.shape
+    calls = []
+
+    def second_process(sums, counts):
+        calls.append((tuple(sums.shape), tuple(counts.shape)))
+        return 2 * sums, 2 * counts
+
+    local = run_cycle(trainer, batch)
+    both = run_cycle(trainer, batch, second_process)
+    assert calls == [((heads * k, d), (heads * k,))]
+    assert int(local.counts.sum()) == heads * BATCH and torch.equal(both.counts, 2 * local.counts)
+    assert float((local.groups - trainer.model.groups).abs().max()) > 1e-3  # G moved at beta 0.5
+    torch.testing.assert_close(both.groups, local.groups, rtol=0, atol=1e-6)
+
+
+def test_a_cycle_runs_every_op_on_the_configured_backend_and_step_dtype(tmp_path, monkeypatch):
+    """method.backend and method.step_dtype reach every op of the cycle: assignments, statistics and loss
+    on bfloat16 rows and groups rounded to bfloat16; the momentum update on the float32 groups."""
+    trainer = frozen_trainer(tmp_path, A, "method.backend=reference", "method.step_dtype=bfloat16")
+    seen = []
+    for name in ("assign", "group_stats", "momentum_update", "group_contrastive_loss"):
+        def spy(a, b, *args, _name=name, _op=getattr(smog_kernels, name), **kwargs):
+            seen.append((_name, kwargs.get("backend"), a.dtype, b.dtype if _name != "group_stats" else None))
+            return _op(a, b, *args, **kwargs)
+        monkeypatch.setattr(smog_kernels, name, spy)
+    run_cycle(trainer, next(iter(trainer._batches(0, 0))))
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert {entry[0] for entry in seen} == {"assign", "group_stats", "momentum_update", "group_contrastive_loss"}
+    for name, backend, first, second in seen:
+        assert backend == "reference", name
+        want = (f32, f32) if name == "momentum_update" else (bf16, None if name == "group_stats" else bf16)
+        assert (first, second) == want, name
+
+
+def test_the_cycle_accumulates_on_the_groups_device():
+    """The cycle's sums [H, K, D] float32 and counts [H, K] int64 live with the groups (meta: no GPU needed)."""
+    cycle = GroupCycle(SimpleNamespace(groups=torch.empty(2, 3, 4, device="meta")), 0.5)
+    assert cycle.sums.device.type == cycle.counts.device.type == "meta"
+    assert (cycle.sums.shape, cycle.sums.dtype) == ((2, 3, 4), torch.float32)
+    assert (cycle.counts.shape, cycle.counts.dtype) == ((2, 3), torch.int64)
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -208,3 +208,19 @@ def test_a_bank_of_another_shape_is_refused_naming_both_shapes():
     restored.load_state_dict(source.state_dict())
     assert restored.position == 3 and torch.equal(restored.index, source.index)
     assert torch.equal(restored.bank, source.bank)
+
+
+def test_sample_zero_is_a_filled_row_and_rows_of_another_width_are_refused():
+    bank = MemoryBank(3, 2, views=1)
+    rows = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    bank.write(torch.tensor([0, 5]), rows)
+    assert bank.count == 2 and torch.equal(bank.rows(0), rows[0])  # dataset index 0 is a sample, -1 is empty
+    with pytest.raises(ValueError, match=r"\[V=1, N=1, D=2\]"):
+        bank.write(torch.tensor([1]), torch.zeros(1, 1, 3))
+
+
+def test_bank_lives_on_its_device():
+    """Both the rows and the index are made on the given device (meta: no memory, no GPU needed)."""
+    bank = MemoryBank(4, 2, views=3, device="meta")
+    assert bank.bank.device.type == bank.index.device.type == "meta"
+    assert bank.bank.shape == (3, 4, 2) and bank.index.shape == (4,) and bank.index.dtype == torch.int64

@@ -192,3 +192,34 @@ def test_backbones_give_flat_features(backbone, channels, size, extra):
     with torch.no_grad():
         out = net(torch.randn(2, channels, size, size))
     assert out.shape == (2, net.out_features)
+
+
+def test_crop_sets_that_do_not_match_the_recipe_are_refused(tmp_path):
+    """q and k must hold the same number of crops, 2 large + data.small_crops small ones each."""
+    trainer = make_trainer(tmp_path)
+    batch = first_batch(trainer)
+    q, k = list(batch["q"]), list(batch["k"])
+    small = trainer.cfg.data.small_crops
+    for bad_q, bad_k in ((q, k[:-1]), (q[1:], k[1:])):
+        message = (f"q and k must each hold 2 large + data.small_crops={small} small crops, got {len(bad_q)} q "
+                   f"and {len(bad_k)} k crops")
+        with pytest.raises(ValueError) as error:
+            trainer.model.forward_crops(trainer.online, bad_q, bad_k)
+        assert message in str(error.value)
+
+
+def test_step_runs_on_the_configured_backend(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "method.backend=reference")
+    trainer.fill_bank()
+    trainer.start_epoch(0)
+    batch = first_batch(trainer)
+    seen = []
+    real_step = smog_kernels.grouping_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(smog_kernels, "grouping_step", spy)
+    trainer.model.step(trainer.online, list(batch["q"]), list(batch["k"]), 0.9)
+    assert seen == ["reference"] * trainer.cfg.method.heads

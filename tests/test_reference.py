@@ -138,3 +138,43 @@ def test_reference_kmeans_defaults_are_ten_rounds_from_seed_zero(generator):
     centroids, members = ref.spherical_kmeans(x, 4)
     torch.testing.assert_close(centroids, c, rtol=0, atol=1e-6)
     assert torch.equal(members, (x.double() @ centroids.double().T).argmax(1))
+
+
+def test_reference_kmeans_starts_from_init(generator):
+    """init [K, D] replaces the seeded draw: one round is the normalised member means under init."""
+    x = unit_rows(40, 5, torch.float32, "cpu", generator)
+    init = unit_rows(3, 5, torch.float32, "cpu", generator)
+    index = (x.double() @ init.double().T).argmax(1)
+    want = init.clone()
+    for g in range(3):
+        if (index == g).any():
+            want[g] = torch.nn.functional.normalize(x[index == g].double().mean(0), dim=0).float()
+    centroids, _ = ref.spherical_kmeans(x, 3, iters=1, init=init)
+    torch.testing.assert_close(centroids, want, rtol=0, atol=1e-6)
+
+
+def test_reference_backend_runs_anywhere():
+    assert ref.REFERENCE.available() and ref.REFERENCE.supports(torch.device("meta"))
+
+
+def test_reference_loss_kernels_by_hand(generator):
+    """loss_forward -> (lse [N], target logits [T, N], sum_k softmax_nk g_k [N, D]); loss_group_grad ->
+    inv_t * sum_n w_n softmax_nk p_n [K, D]; logits = <p, g> * inv_t."""
+    p = unit_rows(6, 4, torch.float64, "cpu", generator)
+    g = unit_rows(3, 4, torch.float64, "cpu", generator)
+    targets = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 1, 1, 0, 0]])
+    w = torch.arange(1.0, 7.0, dtype=torch.float64)
+    inv_t = 5.0
+    lse, target_logits, attention = ref.loss_forward(p, g, targets, inv_t)
+    for n in range(6):
+        logits = [float(p[n] @ g[k]) * inv_t for k in range(3)]
+        total = sum(torch.tensor(logits).exp().tolist())
+        assert float(lse[n]) == pytest.approx(torch.tensor(total).log().item())
+        for t in range(2):
+            assert float(target_logits[t, n]) == pytest.approx(logits[int(targets[t, n])])
+        soft = [v / total for v in torch.tensor(logits).exp().tolist()]
+        torch.testing.assert_close(attention[n].double(), sum(soft[k] * g[k] for k in range(3)))
+    grad = ref.loss_group_grad(p, g, lse, w, inv_t)
+    for k in range(3):
+        want = sum(float(w[n]) * float((p[n] @ g[k] * inv_t - lse[n]).exp()) * p[n] for n in range(6)) * inv_t
+        torch.testing.assert_close(grad[k].double(), want)

@@ -146,3 +146,46 @@ def test_grouping_step_dtype_rules():
         sk.grouping_step(C.half(), t16, z16, p16.view(1, 3, 4), 0.99, 0.1)
     out = sk.grouping_step(C, t16, z16, p16.view(1, 3, 4), 0.99, 0.1)  # float32 groups, bfloat16 rows
     assert out.groups.dtype == torch.float32
+
+
+T3, Z3, P3 = rows(6, 4).view(2, 3, 4), rows(3, 4), rows(6, 4).view(2, 3, 4)  # T=2, N=3, M=3, V=2, D=4
+
+
+def _meta(t):
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "args,error,words",
+    [
+        ((C[0], T3, Z3, P3, 0.9, 0.1), ValueError, ["groups must have 2 dimensions", "(4,)"]),
+        ((C, Z3, Z3, P3, 0.9, 0.1), ValueError, ["target_rows must have 3 dimensions", "(3, 4)"]),
+        ((C, T3, T3, P3, 0.9, 0.1), ValueError, ["update_rows must have 2 dimensions", "(2, 3, 4)"]),
+        ((C, T3, Z3, Z3, 0.9, 0.1), ValueError, ["predictions must have 3 dimensions", "(3, 4)"]),
+        ((C.double(), T3, Z3, P3, 0.9, 0.1), TypeError, ["groups must be float32, bfloat16 or float16", "float64"]),
+        ((_meta(C), T3, Z3, P3, 0.9, 0.1), ValueError,
+         ["got groups on meta, target_rows on cpu, update_rows on cpu, predictions on cpu"]),
+        ((C, T3, _meta(Z3), P3, 0.9, 0.1), ValueError, ["got groups on cpu, target_rows on cpu, update_rows on meta, predictions on cpu"]),
+        ((C, rows(6, 5).view(2, 3, 5), Z3, P3, 0.9, 0.1), ValueError,
+         ["groups and target_rows must have the same feature dimension D, got groups (3, 4) and target_rows (2, 3, 5)"]),
+        ((C, T3, rows(3, 5), P3, 0.9, 0.1), ValueError, ["groups and update_rows must have the same feature dimension D, got groups (3, 4) and update_rows (3, 5)"]),
+        ((C, T3, Z3, rows(6, 5).view(2, 3, 5), 0.9, 0.1), ValueError,
+         ["groups and predictions must have the same feature dimension D, got groups (3, 4) and predictions (2, 3, 5)"]),
+        ((C, T3, Z3.half(), P3, 0.9, 0.1), TypeError,
+         ["target_rows (torch.float32) and update_rows (torch.float16) must have the same dtype"]),
+        ((C, T3, Z3, P3.half(), 0.9, 0.1), TypeError, ["target_rows (torch.float32) and predictions (torch.float16) must have the same dtype"]),
+        ((C.half(), T3.bfloat16(), Z3.bfloat16(), P3.bfloat16(), 0.9, 0.1), TypeError,
+         ["groups (torch.float16)", "rows' dtype (torch.bfloat16)", "float32"]),
+        ((C[:0], T3, Z3, P3, 0.9, 0.1), ValueError, ["groups must hold at least one group (K >= 1), got shape (0, 4)"]),
+        ((C, T3, Z3, P3[:, :2], 0.9, 0.1), ValueError, ["same N", "predictions (2, 2, 4)", "target_rows (2, 3, 4)"]),
+        ((C, T3, Z3, P3, 1.5, 0.1), ValueError, ["beta must lie in [0, 1], got 1.5"]),
+        ((C, T3, Z3, P3, -0.5, 0.1), ValueError, ["beta must lie in [0, 1], got -0.5"]),
+        ((C, T3, Z3, P3, 0.9, 0.0), ValueError, ["temperature must be > 0, got 0.0"]),
+    ],
+)
+def test_grouping_step_rejects(backend, args, error, words):
+    with pytest.raises(error) as info:
+        sk.grouping_step(*args, backend=backend)
+    for word in words:
+        assert word in str(info.value)
