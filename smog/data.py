@@ -243,6 +243,15 @@ class CleanSet(Dataset):
         image, label = self.images[index]
         return self.transform(image), label
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A loader's batch: in-memory images transformed as one [B, C, H, W] tensor (the same values as
+        item by item, without a transform call per image)."""
+        if not isinstance(self.images.images, torch.Tensor):
+            return [self[i] for i in indices]
+        rows = torch.as_tensor(indices)
+        batch = self.transform(self.images.images[rows])
+        return list(zip(batch.unbind(0), self.images.labels[rows].tolist()))
+
 
 class ResumableSampler(Sampler[int]):
     """A DistributedSampler's epoch order, minus the first `skip` indices (a mid-epoch resume)."""

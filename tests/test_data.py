@@ -107,3 +107,24 @@ def test_smog_train_offline_without_data_lists_the_three_ways_within_seconds(tmp
     for way in ("apt-get install dataset-fashion-mnist", str(tmp_path / "cache"), "data.download=auto"):
         assert way in done.stderr
     assert seconds < 60, f"took {seconds:.0f} s"
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "digits"])
+def test_clean_batches_are_the_images_normalised_by_hand(recipe):
+    """A loader's batches (one transform per batch) hold each image as (x / 255 - mean) / std at the
+    evaluation size, in order, with its label; resized sets (digits: 8 px) as the per-image transform."""
+    from smog.data import clean_set, data_info, make_loader
+
+    cfg = load_config(recipe)
+    clean = clean_set(cfg.data, "test", 300)
+    images, labels = map(torch.cat, zip(*make_loader(clean, 128, cfg.data)))
+    raw = load_split(cfg.data, "test").subset(300)
+    assert torch.equal(labels, raw.labels[:300])
+    if raw.size == cfg.data.large_size:
+        info = data_info(cfg.data)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+        expected = (raw.images.float() / 255 - mean) / std
+    else:
+        expected = torch.stack([clean.transform(raw.images[i]) for i in range(300)])
+        assert images.shape[-1] == cfg.data.large_size != raw.size
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
