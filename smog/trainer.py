@@ -418,8 +418,8 @@ class Trainer:
             if self.step_in_epoch == 0:
                 self.start_epoch(self.epoch)
             loader = self._batches(self.epoch, self.step_in_epoch)
-            bar = tqdm(loader, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", disable=not show,
-                       initial=self.step_in_epoch, total=self.steps_per_epoch)
+            desc = f"epoch {self.epoch + 1}" + ("" if budget else f"/{cfg.train.epochs}")  # a budget ends by time
+            bar = tqdm(loader, desc=desc, disable=not show, initial=self.step_in_epoch, total=self.steps_per_epoch)
             for batch in bar:
                 if budget is not None:
                     self.total_steps = budget.total_steps(self.step)
