@@ -28,6 +28,7 @@ import time
 import torch
 
 from bench.equal_time import LIGHTLY_METHODS, train_lightly_for, train_smog_for
+from smog.benchmarks.kernels import machine as kernels_machine
 from smog.budget import Budget
 from smog.config import Config, load_config, to_dict
 from smog.evaluation import knn_scores, linear_score
@@ -68,14 +69,11 @@ METHODS = ("smog", "lightly-smog", "byol", "swav", "random init", "raw pixels")
 
 
 def machine() -> dict:
-    """The machine a result was measured on."""
-    model = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
-    return {"cpu_model": model or platform.processor(), "cores": os.cpu_count(),
-            "isa": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    """The machine a result was measured on (smog.benchmarks.kernels.machine, with ATen's ISA and the date)."""
+    shared = kernels_machine()
+    return {"cpu_model": shared["cpu"], "cores": shared["logical_cpus"],
+            "isa": torch.backends.cpu.get_cpu_capability(), "torch_threads": shared["threads"],
+            "torch": shared["torch"], "python": shared["python"], "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
@@ -105,7 +103,7 @@ def run_method(name: str, cfg: Config, budget: Budget | None, device: torch.devi
     if name == "smog":
         out = train_smog_for(cfg, budget, run_dir)
         out["checkpoint"] = os.path.join(run_dir, "checkpoint.pt")
-    elif name in ("lightly-smog", "byol", "swav"):
+    elif name in LIGHTLY_METHODS:
         out = train_lightly_for(name, cfg, budget, device, run_dir)
         out["checkpoint"] = os.path.join(run_dir, "model.pt")
     backbone = build_model(cfg).online.backbone.to(device) if name == "random init" else out.pop("backbone", None)
