@@ -13,17 +13,22 @@ from torch import nn
 from smog.config import ConfigError, ModelConfig
 
 
-def small_cnn(channels: int, width: int) -> nn.Module:
-    """Four 3x3 conv-BN-ReLU blocks (widths w, 2w, 4w, 8w; the last three stride 2) + global average pool."""
+def small_cnn(channels: int, width: int, grid: int = 1) -> nn.Module:
+    """Four 3x3 conv-BN-ReLU blocks (widths w, 2w, 4w, 8w; the last three stride 2), then an average pool to a
+    grid x grid map, flattened: features [B, 8w * grid**2] (grid 1 = global average pool).
+
+    >>> small_cnn(1, 16, grid=2)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 512])
+    """
     layers: list[nn.Module] = []
     c_in = channels
     for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
         layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
                    nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         c_in = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
     net = nn.Sequential(*layers)
-    net.out_features = c_in
+    net.out_features = c_in * grid * grid
     return net
 
 
@@ -154,7 +159,7 @@ def _timm(name: str, channels: int) -> nn.Module:
 def build_backbone(cfg: ModelConfig, channels: int, image_size: int) -> nn.Module:
     """A backbone with an `out_features` attribute (stages checkpointed when model.checkpoint)."""
     if cfg.backbone == "small_cnn":
-        return small_cnn(channels, cfg.width)
+        return small_cnn(channels, cfg.width, cfg.grid)
     if cfg.backbone in ("resnet18", "resnet50", "resnet50w2"):
         net = _resnet(cfg.backbone, channels, cfg.small_stem)
     elif cfg.backbone in ("swin_t", "vit_b_16"):

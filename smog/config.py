@@ -48,6 +48,7 @@ class ModelConfig:
     backbone: str = "small_cnn"  # small_cnn, resnet18, resnet50, resnet50w2, swin_t, vit_b_16, timm/<name>
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool for small images (ResNets)
     width: int = 32  # base channel count of small_cnn
+    grid: int = 1  # small_cnn's output: average pool to grid x grid cells, flattened (1 = global average pool)
     proj_hidden: int = 2048
     pred_hidden: int = 2048
     dim: int = 128  # D: projector output / group feature dimension
@@ -153,7 +154,7 @@ CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.proj_hidden",
+POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.grid", "model.proj_hidden",
             "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
             "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
 LARGE_CROPS = 2  # large crops per view set (the q and k sets each hold 2 large + data.small_crops small)
@@ -276,6 +277,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.checkpoint and cfg.model.backbone == "small_cnn":
         raise ConfigError("model.checkpoint=true needs a backbone with stages (resnet18, resnet50, resnet50w2, "
                           "swin_t, vit_b_16), got model.backbone='small_cnn'")
+    if cfg.model.grid != 1 and cfg.model.backbone != "small_cnn":
+        raise ConfigError(f"model.grid={cfg.model.grid} is small_cnn's output grid; model.backbone="
+                          f"{cfg.model.backbone!r} pools its own features (leave model.grid at 1)")
     if cfg.data.small_crops < 0:
         raise ConfigError(f"data.small_crops must be >= 0, got {cfg.data.small_crops}")
     if len(cfg.eval.knn_k) != len(cfg.eval.knn_t):

@@ -117,3 +117,27 @@ def test_swin_update_rows_come_from_a_forward_without_drop_path(swin):
         z = F.normalize(model.online.projector(model.online.backbone(torch.cat(q[:2]))).float(), dim=1)
     torch.testing.assert_close(out.bank_rows, torch.stack(z.chunk(2)), rtol=1e-5, atol=1e-5)
     assert model.online.training and all(m.training for m in model.online.modules())
+
+
+@pytest.mark.parametrize("size, cells", [(28, 4), (16, 2)])
+def test_small_cnn_grid_keeps_the_mean_of_each_cell(size, cells):
+    """model.grid=2: the last feature map [B, 8w, cells, cells] averaged over each of its 2 x 2 quarters,
+    channel-major; computed here by slicing the map."""
+    torch.manual_seed(0)
+    net = build_backbone(ModelConfig(width=4, grid=2), 1, size).eval()
+    x = torch.randn(3, 1, size, size)
+    with torch.no_grad():
+        trunk = net[:-2](x)
+        out = net(x)
+    assert trunk.shape == (3, 32, cells, cells)
+    half = cells // 2
+    quarters = [[trunk[:, :, i * half:(i + 1) * half, j * half:(j + 1) * half].mean((2, 3)) for j in range(2)]
+                for i in range(2)]
+    expected = torch.stack([torch.stack(row, -1) for row in quarters], -2).flatten(1)
+    assert net.out_features == 32 * 4 == out.shape[1]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grid_is_refused_for_backbones_that_pool_their_own_features():
+    with pytest.raises(ConfigError, match="model.grid=2"):
+        load_config("digits", ["model.backbone=resnet18", "model.grid=2"])

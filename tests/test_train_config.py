@@ -43,12 +43,12 @@ def test_quickstart_is_fashion_mnist_with_only_what_it_sets_changed():
     fashion = _flat(dataclasses.asdict(load_config("fashion_mnist")))
     assert {key for key in quick if quick[key] != fashion[key]} == set(sets)  # each set field really differs
     assert all(quick[key] == value for key, value in sets.items())
-    # the benchmark recipe on 20k images for 7 epochs, two small crops with per-resolution BatchNorm and no
-    # momentum small crops, kNN on the full 60k / 10k split
-    assert (quick["train.epochs"], quick["data.train_subset"], quick["data.small_crops"]) == (7, 20000, 2)
+    # the benchmark recipe on 20k images for 6 epochs, two small crops with per-resolution BatchNorm and no
+    # momentum small crops, features on a 2 x 2 grid, kNN on the full 60k / 10k split
+    assert (quick["train.epochs"], quick["data.train_subset"], quick["data.small_crops"]) == (6, 20000, 2)
     assert (quick["model.bn_crops"], quick["method.momentum_small"]) == ("per_resolution", False)
     assert (quick["eval.knn_train_subset"], quick["eval.knn_test_subset"]) == (0, 0)
-    assert (quick["optim.name"], quick["optim.lr"], quick["model.width"]) == ("sgd", 0.06, 16)
+    assert (quick["optim.name"], quick["optim.lr"], quick["model.width"], quick["model.grid"]) == ("sgd", 0.06, 16, 2)
 
 
 def _write(path, values) -> str:
