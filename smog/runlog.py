@@ -117,7 +117,7 @@ class RunLog:
         epochs = [r for r in self.records() if r.get("kind") == "epoch"]
         if not epochs:
             return
-        x = [r["epoch"] for r in epochs]
+        x = [r["epoch"] + 1 for r in epochs]  # records count epochs from 0, the log and `smog eval` from 1
         fig, ax = plt.subplots()
         ax.plot(x, [r["loss"] for r in epochs], marker="o")
         ax.set(xlabel="epoch", ylabel="SMoG loss", title="training loss")
@@ -127,7 +127,7 @@ class RunLog:
         if knn:
             fig, ax = plt.subplots()
             for key in knn[-1]["knn"]:
-                ax.plot([r["epoch"] for r in knn], [r["knn"][key] for r in knn], marker="o", label=key)
+                ax.plot([r["epoch"] + 1 for r in knn], [r["knn"][key] for r in knn], marker="o", label=key)
             ax.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN accuracy")
             ax.legend()
             fig.savefig(os.path.join(self.run_dir, "knn.png"), dpi=100)

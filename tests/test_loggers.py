@@ -131,3 +131,22 @@ def test_unknown_timm_model_names_the_key():
     pytest.importorskip("timm", reason="the timm package is not installed")
     with pytest.raises(ConfigError, match="model.backbone=timm/no_such_net"):
         build_backbone(load_config("digits", ["model.backbone=timm/no_such_net"]).model, 1, 8)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the stand-in plot draws nothing to label
+def test_plots_number_epochs_as_the_log_does(tmp_path, monkeypatch):
+    """The kNN after the second epoch (record "epoch": 1, printed "epoch 2") is drawn at 2."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed")
+    import matplotlib.axes
+
+    from smog.runlog import RunLog
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: drawn.append(list(x)))
+    log = RunLog(str(tmp_path))
+    for epoch in range(3):
+        record = {"kind": "epoch", "epoch": epoch, "step": 10 * (epoch + 1), "loss": 1.0, "nonempty": [5], "entropy": [0.5]}
+        log.write({**record, "knn": {"k20_t0.07": 50.0}} if epoch == 1 else record)
+    log.plot()
+    log.close()
+    assert drawn == [[1, 2, 3], [2], [1, 2, 3], [1, 2, 3]]  # loss, kNN, groups in use, entropy
