@@ -145,7 +145,8 @@ def test_plots_number_epochs_as_the_log_does(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: drawn.append(list(x)))
     log = RunLog(str(tmp_path))
     for epoch in range(3):
-        record = {"kind": "epoch", "epoch": epoch, "step": 10 * (epoch + 1), "loss": 1.0, "nonempty": [5], "entropy": [0.5]}
+        record = {"kind": "epoch", "epoch": epoch, "step": 10 * (epoch + 1), "loss": 1.0, "nonempty": [5],
+                  "entropy": [0.5]}
         log.write({**record, "knn": {"k20_t0.07": 50.0}} if epoch == 1 else record)
     log.plot()
     log.close()
