@@ -9,7 +9,7 @@ and raw pixels (no training). Training time is everything a method needs to trai
 fill and re-clustering, lightly's k-means, every step), checked after each step; the clock is paused for
 the kNN evaluations (every --eval-every-minutes, default M / 5, and at the end), logs and checkpoints. The
 schedules are laid out over the time (smog.budget). At the end: kNN at every (eval.knn_k, eval.knn_t) and a
-linear probe (smog.linear, the recipe of `smog eval linear --protocol features`: standardised frozen
+linear probe (smog.evaluation.linear, the recipe of `smog eval linear --protocol features`: standardised frozen
 features, SGD momentum 0.9, eval.linear_lr on a cosine, eval.linear_weight_decay, eval.linear_epochs,
 batch 256). Each method's result and model state go to --run-dir/<method>/ (smog: checkpoint.pt, which
 `smog eval knn` reads); a method whose result.json is there is not run again. Writes
@@ -32,8 +32,8 @@ from smog.benchmarks.kernels import machine as kernels_machine
 from smog.budget import Budget
 from smog.config import Config, load_config, to_dict
 from smog.evaluation import knn_scores, linear_score
-from smog.train import run as train_smog
-from smog.trainer import build_model, pick_device
+from smog.commands.train import run as train_smog
+from smog.loop import build_model, pick_device
 
 
 def plot(result: dict, path: str) -> None:

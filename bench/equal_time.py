@@ -31,7 +31,7 @@ from smog.budget import Budget
 from smog.config import Config, MethodConfig, OptimConfig
 from smog.evaluation import knn_scores
 from smog.schedules import ema_rate, learning_rate
-from smog.trainer import Trainer, build_model
+from smog.loop import Trainer, build_model
 
 LIGHTLY_METHODS = ("lightly-smog", "byol", "swav")
 BYOL_EMA = MethodConfig(ema_start=0.996, ema_end=1.0)

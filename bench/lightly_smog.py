@@ -20,7 +20,7 @@ from tqdm import tqdm
 from smog.config import Config
 from smog.data import batch_crops, crop_seed, device_crops, make_loader, train_set
 from smog.evaluation import knn_scores
-from smog.trainer import build_model, pick_device
+from smog.loop import build_model, pick_device
 
 GROUPS, BANK_ROWS, RESET_EVERY, EMA, BETA, LR = 300, 10000, 300, 0.99, 0.99, 0.01
 

@@ -3,7 +3,7 @@
     bench/train_step [--config NAME] [--compare KEY=V1,V2,...] [--steps S] [--warmup W] [--out DIR]
                      [section.key=value ...]
 
-Builds the real training pieces (`smog.trainer.Trainer`: model, data, loader or device crops, optimiser,
+Builds the real training pieces (`smog.loop.Trainer`: model, data, loader or device crops, optimiser,
 memory bank) for the recipe (default: quickstart, with `section.key=value` overrides as in `smog train`),
 and runs `Trainer.train_step` itself on batches from the trainer's own loader, timing each phase with
 wall-clock perf_counter stamps taken by hooks around the trainer's pieces (no copy of the step's code):
@@ -118,7 +118,7 @@ class Variant:
     """One config's Trainer with hooks at the phase boundaries, stepping through its own loader."""
 
     def __init__(self, label: str, overrides: list[str], cfg):
-        from smog.trainer import Trainer
+        from smog.loop import Trainer
 
         self.label, self.overrides, self.cfg = label, overrides, cfg
         self.trainer = t = Trainer(cfg)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from smog.batch_transforms import BatchMultiCrop
+from smog.augment.on_device import BatchMultiCrop
 from smog.config import Config, ConfigError, DataConfig
-from smog.transforms import MultiCrop, clean_transform
+from smog.augment.per_image import MultiCrop, clean_transform
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 STATS = {  # (channels, native size, mean, std)
@@ -209,7 +209,7 @@ class MultiCropSet(Dataset):
     """Items: {"q": [crops], "k": [crops], "index": dataset index}, crops seeded by (seed, epoch, index).
 
     With transform None (data.augment_on=device) items are {"image": uint8 [C, H, W], "index"}: the
-    trainer crops whole batches on its device (smog.batch_transforms)."""
+    trainer crops whole batches on its device (smog.augment.on_device)."""
 
     def __init__(self, images: ImageSet, transform: MultiCrop | None, seed: int):
         self.images, self.transform, self.seed, self.epoch = images, transform, seed, 0

@@ -24,7 +24,7 @@ import smog_kernels
 from smog.config import ConfigError, load_config
 from smog.method import GroupCycle
 from smog.schedules import group_momentum
-from smog.trainer import Trainer
+from smog.loop import Trainer
 from smog_kernels import reference
 
 BATCH, A = 64, 4

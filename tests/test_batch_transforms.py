@@ -1,4 +1,4 @@
-"""Batch augmentations (smog.batch_transforms) against torchvision's per-image ops, and their seeding."""
+"""Batch augmentations (smog.augment.on_device) against torchvision's per-image ops, and their seeding."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from smog.batch_transforms import (BatchMultiCrop, colour_jitter, crop_boxes, crop_resize, gaussian_blur, grayscale,
+from smog.augment.on_device import (BatchMultiCrop, colour_jitter, crop_boxes, crop_resize, gaussian_blur, grayscale,
                                    solarize)
 from smog.config import load_config
 

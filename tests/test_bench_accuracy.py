@@ -12,7 +12,7 @@ import pytest
 
 from bench import accuracy
 from smog.budget import Budget
-from smog.evaluate import main as smog_eval
+from smog.commands.eval import main as smog_eval
 
 BUDGET_MIN = 0.05  # 3 s of training per method
 # a method stops at the first step after the budget: digits steps take milliseconds (more on a loaded
@@ -115,9 +115,9 @@ def test_training_gets_the_whole_budget_with_evaluations_off_the_clock(tmp_path,
     if name == "byol":
         pytest.importorskip("lightly", reason="byol needs the lightly package")
     import bench.equal_time
-    import smog.trainer
+    import smog.loop
     from smog.config import load_config
-    from smog.trainer import pick_device
+    from smog.loop import pick_device
 
     calls = []
 
@@ -130,7 +130,7 @@ def test_training_gets_the_whole_budget_with_evaluations_off_the_clock(tmp_path,
 
     real = bench.equal_time.knn_scores
     monkeypatch.setattr(bench.equal_time, "knn_scores", slow_knn)
-    monkeypatch.setattr(smog.trainer, "knn_scores", slow_knn)
+    monkeypatch.setattr(smog.loop, "knn_scores", slow_knn)
     cfg = load_config("digits", [f"train.out_dir={tmp_path}", *DIGITS])
     budget = Budget(BUDGET_MIN, eval_every_minutes=BUDGET_MIN / 5)
     started = time.perf_counter()

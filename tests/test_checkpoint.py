@@ -17,7 +17,7 @@ import torch
 from smog import checkpoint
 from smog.cli import main as smog_main
 from smog.config import load_config
-from smog.trainer import Trainer
+from smog.loop import Trainer
 
 SMALL = ["data.train_subset=256", "train.batch_size=32", "data.small_crops=1", "eval.knn_every=0",
          "train.checkpoint_every_steps=1", "train.progress=false"]

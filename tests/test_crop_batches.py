@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from smog.config import load_config
-from smog.trainer import build_model
+from smog.loop import build_model
 
 
 def test_online_net_runs_each_crop_size_together_with_an_odd_count():

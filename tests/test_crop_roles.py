@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from smog.batch_transforms import BatchMultiCrop
+from smog.augment.on_device import BatchMultiCrop
 from smog.config import load_config
-from smog.trainer import Trainer
-from smog.transforms import MultiCrop
+from smog.loop import Trainer
+from smog.augment.per_image import MultiCrop
 
 Q_RECIPE, K_RECIPE = (1.0, 0.0), (0.1, 0.2)  # (blur p, solarise p) of the q and k sets, by hand from the spec
 

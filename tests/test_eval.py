@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smog.knn import knn_accuracies, knn_accuracy
-from smog.linear import linear_probe
+from smog.evaluation.knn import knn_accuracies, knn_accuracy
+from smog.evaluation.linear import linear_probe
 
 
 def clusters(n: int, seed: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from smog.config import load_config
 from smog.evaluation import knn_scores
-from smog.trainer import build_model
+from smog.loop import build_model
 
 
 def _free_port() -> int:

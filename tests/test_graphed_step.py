@@ -91,7 +91,7 @@ def test_replays_match_the_eager_step(backend, dtype, grad_groups, generator):
 
 def _trainer(tmp_path, *overrides):
     from smog.config import load_config
-    from smog.trainer import Trainer
+    from smog.loop import Trainer
 
     return Trainer(load_config("digits", [f"train.out_dir={tmp_path}", "data.train_subset=256", *overrides]))
 

@@ -14,7 +14,7 @@ import torch
 from smog.backbones import build_backbone
 from smog.config import ConfigError, load_config
 from smog.runlog import scalars
-from smog.trainer import Trainer
+from smog.loop import Trainer
 
 SMALL = ["data.train_subset=256", "train.batch_size=32", "data.small_crops=1", "eval.knn_every=1",
          "eval.knn_train_subset=200", "eval.knn_test_subset=100"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smog.memory_bank import MemoryBank
+from smog_kernels.memory_bank import MemoryBank
 from tests.test_train_distributed import load_rank, start_ranks
 
 IMAGES, EPOCHS = 250, 3
@@ -35,13 +35,13 @@ import torch
 
 spec = json.loads(sys.argv[1])
 rank = int(os.environ.get("RANK", "0"))
-import smog.runlog, smog.trainer
-from smog.memory_bank import MemoryBank
-from smog.trainer import Trainer
+import smog.runlog, smog.loop
+from smog_kernels.memory_bank import MemoryBank
+from smog.loop import Trainer
 
 # not what is tested, and the slowest parts of a tiny run: plots and the final kNN
 smog.runlog.RunLog.plot = lambda self: None
-smog.trainer.knn_scores = lambda *args, **kwargs: {}
+smog.loop.knn_scores = lambda *args, **kwargs: {}
 
 current, writes, snapshots, clustered = {"step": None}, [], [], []
 
@@ -63,11 +63,11 @@ def train_step(self, batch):
     return _train_step(self, batch)
 Trainer.train_step = train_step
 
-_kmeans = smog.trainer.kmeans
+_kmeans = smog.loop.kmeans
 def kmeans(x, *args, **kwargs):
     clustered.append(x.clone())
     return _kmeans(x, *args, **kwargs)
-smog.trainer.kmeans = kmeans
+smog.loop.kmeans = kmeans
 
 _start = Trainer.start_epoch
 def start_epoch(self, epoch):

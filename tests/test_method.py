@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from smog.config import load_config
 from smog.schedules import ema_rate, group_momentum
-from smog.trainer import Trainer
+from smog.loop import Trainer
 import smog_kernels
 from smog_kernels import reference
 

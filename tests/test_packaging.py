@@ -34,7 +34,7 @@ def test_the_wheel_ships_the_library_and_only_the_user_facing_benchmarks():
 
 
 def test_importing_the_packages_loads_no_benchmark_lightly_or_tool_code():
-    code = ("import json, sys; import smog, smog_kernels, smog.cli, smog.check, smog.method; "
+    code = ("import json, sys; import smog, smog_kernels, smog.cli, smog.commands.check, smog.method; "
             "print(json.dumps(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT})

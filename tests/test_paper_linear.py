@@ -11,8 +11,8 @@ import torch
 
 from smog.cli import main as smog_main
 from smog.config import load_config
-from smog.paper_linear import views
-from smog.trainer import Trainer
+from smog.evaluation.paper_linear import views
+from smog.loop import Trainer
 from tests.test_train_distributed import Launch, base_env
 
 ARGS = ["--protocol", "paper", "--epochs", "2"]

@@ -10,7 +10,7 @@ import torch
 
 from smog.config import MethodConfig, OptimConfig, load_config
 from smog.schedules import ema_rate, group_momentum, learning_rate
-from smog.trainer import Trainer
+from smog.loop import Trainer
 
 R2 = math.sqrt(2.0) / 2.0  # cos(pi / 4)
 

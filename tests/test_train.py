@@ -13,7 +13,7 @@ import smog_kernels
 from smog import checkpoint
 from smog.cli import main as smog_main
 from smog.config import load_config
-from smog.trainer import NonFiniteLoss, Trainer
+from smog.loop import NonFiniteLoss, Trainer
 
 SMALL = ["data.train_subset=256", "train.batch_size=32", "data.small_crops=1", "eval.knn_every=0"]
 

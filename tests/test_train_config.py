@@ -166,7 +166,7 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
 
 
 def test_too_many_groups_for_the_data(tmp_path):
-    from smog.trainer import Trainer
+    from smog.loop import Trainer
 
     with pytest.raises(ConfigError, match="method.groups=5000 exceeds"):
         Trainer(load_config("digits", ["method.groups=5000", f"train.out_dir={tmp_path}"]))

@@ -91,8 +91,8 @@ rank = int(os.environ.get("RANK", "0"))
 out_dir = spec["out"]
 os.makedirs(out_dir, exist_ok=True)
 
-import smog.trainer
-from smog.trainer import Trainer
+import smog.loop
+from smog.loop import Trainer
 
 
 def state(trainer):

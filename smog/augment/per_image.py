@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from smog.config import DataConfig
 
-# The recipe's constants, shared with the batch version (smog.batch_transforms).
+# The recipe's constants, shared with the batch version (smog.augment.on_device).
 JITTER = (0.4, 0.4, 0.2, 0.1)  # colour jitter strengths: brightness, contrast, saturation, hue
 JITTER_P, GREY_P = 0.8, 0.2  # probabilities of colour jitter and (colour images) grayscale
 BLUR_SIGMA = (0.1, 2.0)

@@ -22,7 +22,7 @@ from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
 from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
-from smog.memory_bank import MemoryBank
+from smog_kernels.memory_bank import MemoryBank
 from smog.method import GroupCycle, SMoG
 from smog.optim import build_optimizer
 from smog.runlog import RunLog, usage

@@ -2,8 +2,8 @@
 a checkpoint's online backbone (a run directory means its checkpoint.pt), with the checkpoint's own config
 (overrides apply, e.g. eval.linear_epochs=20).
 
-linear --protocol features: a layer fitted on pre-extracted centre-crop features (smog.linear), seconds on
-small data. linear --protocol paper: the authors' protocol (smog.paper_linear) on augmented images, under
+linear --protocol features: a layer fitted on pre-extracted centre-crop features (smog.evaluation.linear), seconds on
+small data. linear --protocol paper: the authors' protocol (smog.evaluation.paper_linear) on augmented images, under
 torchrun over several processes; its result is also written to linear_paper.json beside the checkpoint.
 auto (the default): paper for image folders (ImageNet), features otherwise. --epochs/--lr default to
 eval.linear_epochs/eval.linear_lr, --batch-size (images per process, paper protocol) to the authors' 32."""
@@ -21,8 +21,8 @@ from smog.config import ConfigError, config_from_dict
 from smog.data import DatasetNotFound
 from smog.dist import init_from_env
 from smog.evaluation import knn_scores, linear_score
-from smog.paper_linear import paper_linear
-from smog.trainer import build_model, pick_device
+from smog.evaluation.paper_linear import paper_linear
+from smog.loop import build_model, pick_device
 
 
 def _positive(kind):

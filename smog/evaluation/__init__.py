@@ -8,8 +8,8 @@ from torch.utils.data import Subset
 
 from smog.config import Config
 from smog.data import clean_set, make_loader
-from smog.knn import extract, knn_accuracies
-from smog.linear import linear_probe
+from smog.evaluation.knn import extract, knn_accuracies
+from smog.evaluation.linear import linear_probe
 
 
 def _all_gather_rows(t: torch.Tensor, world: int, device: torch.device | str) -> torch.Tensor:

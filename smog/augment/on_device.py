@@ -1,6 +1,6 @@
 """SMoG's multi-crop augmentations applied to a whole batch at once, on the training device.
 
-The recipe of smog.transforms (asymmetric q/k sets, docs/method.md) with every random parameter drawn per
+The recipe of smog.augment.per_image (asymmetric q/k sets, docs/method.md) with every random parameter drawn per
 sample from one seeded torch.Generator, as tensor ops over the batch: one affine resample for
 resized crop + flip, per-sample colour factors, per-sample Gaussian kernels. For datasets held in memory
 at one image size (Fashion-MNIST, CIFAR, STL-10, digits) this replaces the per-image loader pipeline,
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from smog.config import DataConfig
-from smog.transforms import (BLUR_SIGMA, GREY_P, JITTER, JITTER_P, K_BLUR_P, K_SOLARIZE_P, Q_BLUR_P,
+from smog.augment.per_image import (BLUR_SIGMA, GREY_P, JITTER, JITTER_P, K_BLUR_P, K_SOLARIZE_P, Q_BLUR_P,
                              blur_kernel)
 
 _LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601 as torchvision rounds it
@@ -140,7 +140,7 @@ class BatchMultiCrop:
     """uint8 images [B, C, H, W] (one size, any device) -> {"q": [L large + S small], "k": [L large + S small]}
     normalised float32 crops on the same device, every random choice drawn from `seed`.
 
-    The same recipe as smog.transforms.MultiCrop: q crops blurred (p=1.0) and never solarised; k crops
+    The same recipe as smog.augment.per_image.MultiCrop: q crops blurred (p=1.0) and never solarised; k crops
     blurred with p=0.1 and solarised with p=0.2; colour jitter p=0.8 on both. Drawn in the order q large,
     q small, k large, k small.
     """

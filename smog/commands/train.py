@@ -13,7 +13,7 @@ from smog.checkpoint import CheckpointError, CheckpointWriteError
 from smog.config import Config, ConfigError, load_config
 from smog.data import DatasetNotFound
 from smog.evaluation import knn_scores
-from smog.trainer import NonFiniteLoss, Trainer, build_model
+from smog.loop import NonFiniteLoss, Trainer, build_model
 
 
 def parse(argv: list[str]) -> tuple[Config, str]:

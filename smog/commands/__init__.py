@@ -1,0 +1,1 @@
+"""The `smog` subcommands, one module each (smog.cli dispatches to them)."""
