@@ -32,8 +32,9 @@ def encode(crops: list[torch.Tensor], backbone: nn.Module, head: Callable[[torch
            bn_crops: str) -> torch.Tensor:
     """V x [N, C, h, w] -> [V, N, E]: backbone then head over all crops (model.bn_crops).
 
-    pooled: one set of BatchNorm statistics over every crop (smog.pooled_bn) and the head run once over
-    all crops' features; per_resolution: backbone and head run once per crop size.
+    pooled: one set of BatchNorm statistics over every crop (smog.pooled_bn; the shortcut BatchNorms of
+    residual blocks per size, as the authors') and the head run once over all crops' features;
+    per_resolution: backbone and head run once per crop size.
     """
     groups = _size_groups(crops)
     if bn_crops == "per_resolution":

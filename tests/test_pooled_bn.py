@@ -1,32 +1,30 @@
-"""smog.pooled_bn: one set of BatchNorm statistics over crop groups of several sizes.
+"""smog.pooled_bn: one set of BatchNorm statistics over crop groups of several sizes, except in the
+residual blocks' shortcut (downsample) BatchNorms, which keep one set per size as the authors' code runs them.
 
 Expected values come from definitions independent of the implementation:
-- layer by layer (`layer_by_layer`): a copy of the network in eval mode, run per group; each BatchNorm's
-  statistics are set, in execution order, to the mean and biased variance of torch.cat of its inputs
-  from all groups (captured by a pre-hook) flattened to [C, -1]. The running statistics expected are
-  torch's update rule applied to those values (unbiased variance, momentum 0.1).
+- layer by layer (`layer_by_layer`), in float64: a copy of the network in eval mode, run per group; each
+  BatchNorm's statistics are set, in execution order, to the mean and biased variance of its inputs
+  (captured by a pre-hook) flattened to [C, -1]: of all groups together for a pooled layer, of the group
+  itself for a shortcut layer (`POOLS` says which). The running statistics expected are torch's update rule
+  applied to those values (unbiased variance, momentum 0.1): once per forward for a pooled layer, once per
+  group, in group order, for a shortcut layer.
 - the authors' flattening (`flat_forward`): each BatchNorm layer runs on every group's pixels laid side
   by side as one [1, C, sum N*H*W, 1] batch -- torch's own BatchNorm, autograd included.
 - gradcheck (finite differences) for the gradient through the pooled statistics.
+smog.batchnorm's own tests (tests/test_batchnorm.py) cover one layer and the process groups.
 """
 from __future__ import annotations
 
 import copy
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smog.backbones import _resnet, small_cnn
 from smog.config import ConfigError
-from smog.pooled_bn import pooled_batchnorm, pooled_forward
+from smog.pooled_bn import pooled_forward
 
 
 def randomise_bn(net: nn.Module, seed: int) -> nn.Module:
@@ -42,6 +40,17 @@ def randomise_bn(net: nn.Module, seed: int) -> nn.Module:
     return net
 
 
+def POOLS(name: str) -> bool:
+    """Whether the BatchNorm layer of this name pools its statistics over the crop sizes (the authors'
+    list_bn_forward) rather than running once per size (their list_input_forward of a block's downsample)."""
+    return "downsample" not in name
+
+
+def _stats(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[C, L] -> (mean, biased variance, unbiased variance)."""
+    return flat.mean(1), flat.var(1, correction=0), flat.var(1, correction=1)
+
+
 def layer_by_layer(net: nn.Module, groups: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict]:
     """(outputs per group, {bn name: (expected running_mean, expected running_var)})."""
     ref = copy.deepcopy(net).eval()
@@ -52,22 +61,42 @@ def layer_by_layer(net: nn.Module, groups: list[torch.Tensor]) -> tuple[list[tor
         ref(groups[0])
     for h in hooks:
         h.remove()
+    stats: dict[str, list] = {}  # name -> per group (mean, biased variance) used to normalise it
+    current = [0]  # the group running now
+
+    def normalise(m, inp, out, name):
+        mean, var = stats[name][current[0]]
+        return nn.functional.batch_norm(inp[0], mean, var, m.weight, m.bias, False, 0.0, m.eps)
+
     expected = {}
     for name in order:  # each BN's inputs depend only on the BNs that ran before it
         bn, seen = bns[name], []
         hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
         with torch.no_grad():
-            for x in groups:
+            for i, x in enumerate(groups):
+                current[0] = i
                 ref(x)
         hook.remove()
-        flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in seen], dim=1)
-        mean, var = flat.mean(1), flat.var(1, correction=0)
-        unbiased = flat.var(1, correction=1)
-        expected[name] = (0.9 * bn.running_mean + 0.1 * mean, 0.9 * bn.running_var + 0.1 * unbiased)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+        flats = [x.transpose(0, 1).reshape(x.shape[1], -1) for x in seen]
+        mean, var = bn.running_mean.clone(), bn.running_var.clone()
+        if POOLS(name):
+            m, v, unbiased = _stats(torch.cat(flats, dim=1))
+            stats[name] = [(m, v)] * len(groups)
+            mean, var = 0.9 * mean + 0.1 * m, 0.9 * var + 0.1 * unbiased
+        else:
+            stats[name] = []
+            for flat in flats:
+                m, v, unbiased = _stats(flat)
+                stats[name].append((m, v))
+                mean, var = 0.9 * mean + 0.1 * m, 0.9 * var + 0.1 * unbiased
+        expected[name] = (mean, var, 1 if POOLS(name) else len(groups))
+        bn.register_forward_hook(lambda m, inp, out, name=name: normalise(m, inp, out, name))
     with torch.no_grad():
-        return [ref(x) for x in groups], expected
+        outputs = []
+        for i, x in enumerate(groups):
+            current[0] = i
+            outputs.append(ref(x))
+    return outputs, expected
 
 
 def flat_forward(net: nn.Sequential, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -109,53 +138,22 @@ def crop_groups(seed: int, channels: int = 3, large: int = 8, small: int = 4, n:
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18", "bottleneck"])
 def test_pooled_equals_layer_by_layer_reference(name):
+    """Stem and block BatchNorms pool the sizes, the shortcut BatchNorms run per size (`POOLS`)."""
     net = randomise_bn(backbone(name, channels=1).double().train(), seed=1)
     groups = crop_groups(2, channels=1, large=4, small=2, n=2)  # layer4 still sees 2 x 2 + 4 x 1 pixels
     expected_out, expected_stats = layer_by_layer(net, groups)
     out = pooled_forward(net, groups)
     for o, e in zip(out, expected_out):
         torch.testing.assert_close(o, e, rtol=1e-9, atol=1e-9)
+    shortcuts = 0
     for layer_name, m in net.named_modules():
         if isinstance(m, _BatchNorm):
-            torch.testing.assert_close(m.running_mean, expected_stats[layer_name][0], rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(m.running_var, expected_stats[layer_name][1], rtol=1e-9, atol=1e-9)
-            assert int(m.num_batches_tracked) == 1, layer_name
-
-
-@pytest.mark.parametrize("bn", [nn.BatchNorm2d(3), nn.BatchNorm2d(3, affine=False), nn.BatchNorm2d(3, momentum=None),
-                                nn.BatchNorm1d(3)], ids=["affine", "no-affine", "cumulative", "1d"])
-def test_one_layer_matches_flattened_batchnorm(bn):
-    """Outputs, input and weight gradients, running statistics of one layer against torch's BatchNorm over
-    the flattened groups (two forwards, so the cumulative average takes two values)."""
-    bn = randomise_bn(bn.double(), seed=3) if bn.affine else bn.double()
-    ref = copy.deepcopy(bn)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(2):
-        if isinstance(bn, nn.BatchNorm1d):
-            xs = [torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64) + 1]
-        else:
-            xs = [t + i for i, t in enumerate(crop_groups(int(torch.randint(100, (1,), generator=g))))]
-        xs = [x.requires_grad_() for x in xs]
-        xs_ref = [x.detach().clone().requires_grad_() for x in xs]
-        weights = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in xs]
-        out = pooled_batchnorm(bn, xs)
-        flat = torch.cat([x.transpose(0, 1).reshape(3, -1) for x in xs_ref], dim=1)
-        out_ref = ref(flat.T if isinstance(bn, nn.BatchNorm1d) else flat[None, :, :, None])
-        out_ref = out_ref.T if isinstance(bn, nn.BatchNorm1d) else out_ref[0, :, :, 0]
-        out_ref = [o.reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
-                   for o, x in zip(out_ref.split([x.numel() // 3 for x in xs], dim=1), xs)]
-        for o, e in zip(out, out_ref):
-            torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
-        sum((o * w).sum() for o, w in zip(out, weights)).backward()
-        sum((o * w).sum() for o, w in zip(out_ref, weights)).backward()
-        for x, x_ref in zip(xs, xs_ref):
-            torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
-        if bn.affine:
-            torch.testing.assert_close(bn.weight.grad, ref.weight.grad, rtol=1e-9, atol=1e-10)
-            torch.testing.assert_close(bn.bias.grad, ref.bias.grad, rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
-        assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked)
+            mean, var, forwards = expected_stats[layer_name]
+            torch.testing.assert_close(m.running_mean, mean, rtol=1e-9, atol=1e-9, msg=layer_name)
+            torch.testing.assert_close(m.running_var, var, rtol=1e-9, atol=1e-9, msg=layer_name)
+            assert int(m.num_batches_tracked) == forwards, layer_name
+            shortcuts += not POOLS(layer_name)
+    assert shortcuts == {"small_cnn": 0, "resnet18": 3, "bottleneck": 4}[name]
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
@@ -184,7 +182,12 @@ def test_sequential_gradients_match_flattened_reference():
 
 @pytest.mark.parametrize("name", ["small_cnn", "resnet18", "resnet50"])
 def test_equal_sizes_equal_one_forward_over_the_concatenation(name):
+    """Groups of one size: the pooled BatchNorms see what one forward over the concatenation sees. The shortcut
+    BatchNorms, which run per size, are frozen (eval mode) in both copies."""
     net = randomise_bn(backbone(name).double().train(), seed=9)
+    for layer_name, m in net.named_modules():
+        if isinstance(m, _BatchNorm) and not POOLS(layer_name):
+            m.eval()
     ref = copy.deepcopy(net)
     a, b = crop_groups(10, large=4, small=4, n=2)
     a, b = a.requires_grad_(), b.requires_grad_()
@@ -204,7 +207,8 @@ def test_channels_last_and_autocast():
     """NHWC inputs and weights give the same result (float32) and keep their layout; under bfloat16
     autocast the outputs stay close to float32's."""
     net = randomise_bn(backbone("resnet18").train(), seed=11)
-    groups = [g.float() for g in crop_groups(12, large=4, small=2, n=2)]
+    # 4 and 6 crops: the shortcut BatchNorms of layer4 normalise each size over 4 and 6 values per channel
+    groups = [g.float() for g in crop_groups(12, large=8, small=4, n=4)]
     expected = pooled_forward(copy.deepcopy(net), groups)
     nhwc = copy.deepcopy(net).to(memory_format=torch.channels_last)
     out = pooled_forward(nhwc, [g.to(memory_format=torch.channels_last) for g in groups])
@@ -242,59 +246,3 @@ def test_unknown_structure_with_batchnorm_is_refused():
     conv = nn.Conv2d(3, 2, 3)
     out = pooled_forward(conv.double(), crop_groups(16))
     assert [tuple(o.shape[-2:]) for o in out] == [(6, 6), (2, 2)]
-
-
-# ---- SyncBatchNorm over 2 real processes (gloo) vs one process holding the whole groups -----------
-
-WORLD = 2
-
-
-def _sync_rank(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=60))
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(randomise_bn(backbone("small_cnn").double().train(), 17))
-        groups, weights = _sync_inputs()
-        share = [g[rank::WORLD] for g in groups]
-        out = pooled_forward(net, share)
-        sum((o * w[rank::WORLD]).sum() for o, w in zip(out, weights)).backward()
-        torch.save({"out": out, "grads": [p.grad for p in net.parameters()], "state": net.state_dict()},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        code = 0
-    except BaseException:  # noqa: BLE001 -- reported to the test through the file
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        code = 1
-    os._exit(code)
-
-
-def _sync_inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    groups = crop_groups(18)
-    g = torch.Generator().manual_seed(19)
-    return groups, [torch.randn(4, 32, generator=g, dtype=torch.float64), torch.randn(6, 32, generator=g, dtype=torch.float64)]
-
-
-def test_sync_batchnorm_pools_every_process(tmp_path):
-    """2 gloo ranks, each with every other sample of each group, against one process with all of them:
-    outputs, running statistics and the all-reduced parameter gradients agree."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_sync_rank, args=(r, str(tmp_path / "rendezvous"), str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    errors = [(tmp_path / f"rank{r}.err").read_text() for r in range(WORLD) if (tmp_path / f"rank{r}.err").exists()]
-    assert not errors and all(p.exitcode == 0 for p in procs), errors
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-    net = randomise_bn(backbone("small_cnn").double().train(), 17)
-    groups, weights = _sync_inputs()
-    out = flat_forward(net, groups)
-    sum((o * w).sum() for o, w in zip(out, weights)).backward()
-    for r, result in enumerate(ranks):
-        for o, o_rank in zip(out, result["out"]):
-            torch.testing.assert_close(o_rank, o[r::WORLD].detach(), rtol=1e-9, atol=1e-9)
-        for key, value in net.state_dict().items():
-            torch.testing.assert_close(result["state"][key], value, rtol=1e-10, atol=1e-10, msg=key)
-    for p, *rank_grads in zip(net.parameters(), *(result["grads"] for result in ranks)):
-        torch.testing.assert_close(sum(rank_grads), p.grad, rtol=1e-8, atol=1e-10)
