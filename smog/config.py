@@ -52,7 +52,7 @@ class ModelConfig:
     proj_hidden: int = 2048
     pred_hidden: int = 2048
     dim: int = 128  # D: projector output / group feature dimension
-    sync_bn: bool = False  # SyncBatchNorm when running on several processes
+    sync_bn_group: int = 1  # processes per BatchNorm sync group, consecutive ranks (0 = all, 1 = none)
     channels_last: bool = False
     compile: bool = False  # torch.compile the backbones
     checkpoint: bool = False  # activation checkpointing of the backbone's stages (recomputed in backward)
@@ -159,6 +159,8 @@ POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.grid", "
             "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
 LARGE_CROPS = 2  # large crops per view set (the q and k sets each hold 2 large + data.small_crops small)
 UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
+# keys of older recipes and checkpoints: old key -> (its key now, old value -> value now)
+RENAMED = {"model.sync_bn": ("model.sync_bn_group", {True: 0, False: 1})}
 
 
 def packaged_configs() -> list[str]:
@@ -226,6 +228,7 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    values = _renamed(values, prefix)
     for key, value in values.items():
         full = prefix + str(key)
         if key not in names:
@@ -236,6 +239,23 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             _apply(current, value, full + ".")
         else:
             setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _renamed(values: dict, prefix: str) -> dict:
+    """values with the keys of RENAMED under `prefix` replaced by their keys and values now."""
+    values = dict(values)
+    for old, (new, meaning) in RENAMED.items():
+        section, old_name = old.rsplit(".", 1)
+        if prefix != section + "." or old_name not in values:
+            continue
+        new_name, value = new.rsplit(".", 1)[1], values.pop(old_name)
+        if new_name in values:
+            raise ConfigError(f"{old} and {new} are both set: {old} is the older form of {new}; keep only {new}")
+        if not isinstance(value, bool) or value not in meaning:
+            raise ConfigError(f"{old} (now {new}) must be one of {', '.join(str(v).lower() for v in meaning)}, "
+                              f"got {value!r}")
+        values[new_name] = meaning[value]
+    return values
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -289,7 +309,8 @@ def validate(cfg: Config) -> None:
         if not crops or len(set(crops)) != len(crops) or not all(0 <= c < LARGE_CROPS for c in crops):
             raise ConfigError(f"{key} must list distinct large-crop indices in [0, {LARGE_CROPS - 1}] (there are "
                               f"{LARGE_CROPS} large crops per set), got {list(crops)}")
-    for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers"):
+    for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers",
+                "model.sync_bn_group"):
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)!r}")
 

@@ -122,6 +122,23 @@ def test_imagenet_recipe_is_the_papers():
     # the authors' crop roles: unified BatchNorm, whole-set swap, crops_for_assign = crops_for_q = [0, 1]
     assert (cfg.model.bn_crops, cfg.method.swap, cfg.method.momentum_small) == ("pooled", "all", True)
     assert (cfg.method.target_crops, cfg.method.update_crops) == ((0, 1), (0, 1))
+    # apex SyncBatchNorm in groups of 8 processes, float32
+    assert (cfg.model.sync_bn_group, cfg.train.bf16) == (8, False)
+
+
+def test_model_sync_bn_of_older_recipes_is_model_sync_bn_group(tmp_path):
+    """true: all processes (0); false: none (1); with model.sync_bn_group also set, or not a boolean: an error
+    naming both keys."""
+    for old, new in ((True, 0), (False, 1)):
+        assert load_config(_write(tmp_path / f"{old}.yaml", {"model": {"sync_bn": old}})).model.sync_bn_group == new
+        assert load_config("digits", [f"model.sync_bn={str(old).lower()}"]).model.sync_bn_group == new
+    from smog.config import config_from_dict  # a checkpoint's resolved config
+    assert config_from_dict({"model": {"sync_bn": True}}).model.sync_bn_group == 0
+    both = _write(tmp_path / "both.yaml", {"model": {"sync_bn": True, "sync_bn_group": 8}})
+    with pytest.raises(ConfigError, match="model.sync_bn and model.sync_bn_group are both set"):
+        load_config(both)
+    with pytest.raises(ConfigError, match=r"model.sync_bn \(now model.sync_bn_group\) must be one of true, false"):
+        load_config("digits", ["model.sync_bn=8"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -138,6 +155,7 @@ def test_imagenet_recipe_is_the_papers():
     ("method.target_crops=[]", "method.target_crops must list distinct"),
     ("method.update_crops=[0, 0]", "method.update_crops must list distinct"),
     ("method.update_crops=[-1]", "method.update_crops must list distinct"),
+    ("model.sync_bn_group=-1", "model.sync_bn_group must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
