@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from smog import checkpoint
 from smog.backbones import build_backbone
+from smog.batchnorm import synchronise
 from smog.budget import Budget
 from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
 from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
@@ -112,12 +113,7 @@ class Trainer:
                               f"the memory banks (one epoch's batches): k-means cannot seed that many groups")
 
         self.model = build_model(cfg).to(self.device)
-        if cfg.model.sync_bn and self.dist.world > 1:
-            if self.device.type != "cuda":
-                raise ConfigError("model.sync_bn=true needs CUDA devices: torch's SyncBatchNorm does not run on "
-                                  "CPU (gloo) processes; set model.sync_bn=false")
-            convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
-            self.model.online, self.model.momentum = convert(self.model.online), convert(self.model.momentum)
+        synchronise(self.model, cfg.model.sync_bn_group)
         if cfg.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.online = self.model.online

@@ -8,13 +8,12 @@ imports smog unchanged and only wraps a few methods from the outside: it records
 rank 1 die with os._exit in the middle of a step.
 
 1. 2 ranks vs 1 rank with the same global batch (`test_two_ranks_match_one_rank_...`).
-   BatchNorm: the config's SyncBatchNorm option cannot be used here: torch's SyncBatchNorm runs only
-   on GPUs, and `model.sync_bn=true` on CPU ranks is refused with a clear error
-   (`test_sync_batchnorm_option_...` checks that it either works or is refused cleanly; a training-time
-   budget, whose clock would stop each rank at another step, is refused on every rank:
-   `test_a_training_time_budget_...`). Plain BatchNorm in training mode normalises each rank's
-   16 rows with their own statistics, so every z (hence every assignment and group) of a 2-rank run
-   differs from one process's by design. Both runs therefore put the BatchNorm layers on their running
+   BatchNorm: synchronised BatchNorm (`model.sync_bn_group`) runs on CPU ranks too
+   (`test_sync_batchnorm_option_...` trains with it; tests/test_batchnorm.py checks its statistics
+   against one process; a training-time budget, whose clock would stop each rank at another step, is
+   refused on every rank: `test_a_training_time_budget_...`). Plain BatchNorm in training mode
+   normalises each rank's 16 rows with their own statistics, so every z (hence every assignment and
+   group) of a 2-rank run differs from one process's by design. Both runs therefore put the BatchNorm layers on their running
    statistics (eval mode, set by the driver; the affine weights still train): BN is then a fixed
    per-sample map and everything the distribution does -- the sampler's shards, the all-reduced group
    statistics, DDP's gradient average, the loss as a mean of local means, LARS, EMA -- must reproduce
@@ -375,15 +374,12 @@ def test_ranks_keep_identical_groups_and_weights_through_reclustering(reference)
         # the ranks' banks are their own (per-rank memory banks): not compared
 
 
-def test_sync_batchnorm_option_on_cpu_ranks_trains_or_is_refused_cleanly(driver, tmp_path):
-    """model.sync_bn=true on 2 CPU (gloo) ranks: torch's SyncBatchNorm runs only on GPUs, so `smog train`
-    must either train or refuse with a config error naming the key (exit 2, no traceback)."""
+def test_sync_batchnorm_option_on_cpu_ranks_trains(driver, tmp_path):
+    """model.sync_bn_group=0 (all processes) on 2 CPU (gloo) ranks: `smog train` trains."""
     spec = {"mode": "cli", "out": str(tmp_path / "out"),
-            "argv": train_args(tmp_path / "run", "model.sync_bn=true", "train.epochs=1")}
+            "argv": train_args(tmp_path / "run", "model.sync_bn_group=0", "train.epochs=1")}
     for rank, (code, _, text) in enumerate(start_ranks(driver, spec, WORLD, tmp_path / "logs").wait()):
-        assert code == 0 or (code == 2 and "model.sync_bn" in text and "Traceback" not in text), (
-            f"rank {rank}: model.sync_bn=true on CPU ranks crashed (exit {code}) instead of training or "
-            f"raising ConfigError('model.sync_bn ...'):\n{text[-1500:]}")
+        assert code == 0, f"rank {rank}: model.sync_bn_group=0 on CPU ranks failed (exit {code}):\n{text[-1500:]}"
 
 
 def test_a_training_time_budget_on_two_ranks_is_refused_before_training(driver, tmp_path):
