@@ -59,7 +59,23 @@ def test_one_process_end_to_end_on_digits(one_process):
     assert printed == saved
     assert (saved["protocol"], saved["processes"], saved["epochs"], saved["batch_per_process"]) == ("paper", 1, 2, 64)
     assert (saved["lr"], saved["weight_decay"]) == (0.3, 1e-6)  # the digits recipe's eval.linear_* (paper values)
-    assert 25.0 < saved["top1"] <= saved["top5"] <= 100.0  # well above chance (10 classes) after two epochs
+    assert saved["authors_figure"] == "best"
+    last, best, per_epoch = saved["last"], saved["best"], saved["top1_per_epoch"]
+    assert last["epoch"] == 2 and len(per_epoch) == 2 and last["top1"] == per_epoch[-1]
+    assert best["top1"] == max(per_epoch) and best["epoch"] == per_epoch.index(max(per_epoch)) + 1
+    assert 25.0 < last["top1"] <= last["top5"] <= 100.0  # well above chance (10 classes) after two epochs
+
+
+def test_each_epoch_is_scored_as_a_run_ending_there(trained, one_process, tmp_path):
+    """Epoch 1 of the 2-epoch run trains at the same learning rate as a 1-epoch run (the cosine steps after
+    each epoch), so its test top-1 / top-5 are that run's last."""
+    ckpt = _copy(trained, tmp_path / "run")
+    args = ["eval", "linear", str(ckpt), "--protocol", "paper", "--epochs", "1", "--batch-size", "64", "train.threads=1"]
+    assert smog_main(args) == 0
+    single = json.loads((tmp_path / "run" / "linear_paper.json").read_text())
+    _, two_epochs = one_process
+    assert single["best"] == single["last"]
+    assert single["last"]["top1"] == two_epochs["top1_per_epoch"][0]
 
 
 def test_two_torchrun_processes_equal_one_process(trained, one_process, tmp_path):
@@ -72,5 +88,5 @@ def test_two_torchrun_processes_equal_one_process(trained, one_process, tmp_path
     _, one = one_process
     assert two["processes"] == 2
     # digits' 1500 training images split evenly: each step's 2 x 32 images are the one process's 64
-    assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
+    assert (two["best"], two["last"], two["top1_per_epoch"]) == (one["best"], one["last"], one["top1_per_epoch"])
     assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)  # sums taken in another order

@@ -4,7 +4,8 @@ a checkpoint's online backbone (a run directory means its checkpoint.pt), with t
 
 linear --protocol features: a layer fitted on pre-extracted centre-crop features (smog.evaluation.linear), seconds on
 small data. linear --protocol paper: the authors' protocol (smog.evaluation.paper_linear) on augmented images, under
-torchrun over several processes; its result is also written to linear_paper.json beside the checkpoint.
+torchrun over several processes, tested after every epoch: it reports the best epoch's top-1 (the authors' figure)
+and the last epoch's, also in linear_paper.json beside the checkpoint.
 auto (the default): paper for image folders (ImageNet), features otherwise. --epochs/--lr default to
 eval.linear_epochs/eval.linear_lr, --batch-size (images per process, paper protocol) to the authors' 32."""
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             main_process = info.main
             scores = paper_linear(backbone, cfg, device, info, epochs, lr, cfg.eval.linear_weight_decay,
                                   args.batch_size)
-            result = {"protocol": "paper", **scores, "epochs": epochs, "lr": lr,
+            result = {"protocol": "paper", **scores, "authors_figure": "best", "epochs": epochs, "lr": lr,
                       "weight_decay": cfg.eval.linear_weight_decay, "batch_per_process": args.batch_size,
                       "processes": info.world}
             if info.world > 1:
@@ -90,5 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "linear_paper.json")
             with open(path, "w") as out:
                 json.dump(report, out, indent=2)
+            best, last = result["best"], result["last"]
+            print(f"smog eval: linear top-1 {best['top1']:.2f} at epoch {best['epoch']}, the best epoch (the figure "
+                  f"the authors' eval_linear.py reports); {last['top1']:.2f} at the last epoch ({last['epoch']})",
+                  file=sys.stderr)
         print(json.dumps(report, indent=2))
     return 0
