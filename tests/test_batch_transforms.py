@@ -1,15 +1,20 @@
-"""Batch augmentations (smog.augment.on_device) against torchvision's per-image ops, and their seeding."""
+"""Batch augmentations (smog.augment.on_device) against torchvision's per-image ops, and their seeding; both blurs
+against PIL's, the authors'."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFilter
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from smog.augment.on_device import (BatchMultiCrop, colour_jitter, crop_boxes, crop_resize, gaussian_blur, grayscale,
                                    solarize)
-from smog.config import load_config
+from smog.augment.per_image import MultiCrop
+from smog.config import DataConfig, load_config
 
 ATOL = 2e-5  # float32 arithmetic in a different order than torchvision's
 
@@ -94,6 +99,37 @@ def test_gaussian_blur_matches_torchvision_per_sample_sigma(kernel):
     for i in (0, 2):
         want = TF.gaussian_blur(x[i], [kernel, kernel], [float(sigma[i])] * 2)
         torch.testing.assert_close(got[i], want, rtol=0, atol=ATOL)
+
+
+def _pil_blur_case(size: int) -> tuple[torch.Tensor, Image.Image]:
+    """One uint8 image [3, size, size] of flat patches with sharp edges, and the same image in PIL."""
+    patches = torch.rand(3, size // 8, size // 8, generator=torch.Generator().manual_seed(size)) * 255
+    img = torch.nn.functional.interpolate(patches[None], size=(size, size), mode="nearest")[0].round().to(torch.uint8)
+    return img, Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("size", [96, 224])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_blur_matches_the_authors_pil_gaussian_blur(size, sigma):
+    """The loader's GaussianBlur (as smog.augment.per_image configures it for a crop of `size` px) and the batch
+    blur against PIL's GaussianBlur(radius=sigma), the authors' blur, away from the borders (PIL clamps them,
+    torchvision reflects). PIL approximates the Gaussian with box filters: up to 3 levels apart in a pixel, under
+    1 on average; a kernel cut at 2 sigma (9 taps at sigma 2) is 8 levels and 1.6 on average apart."""
+    img, pil = _pil_blur_case(size)
+    want = torch.from_numpy(np.array(pil.filter(ImageFilter.GaussianBlur(radius=sigma)))).permute(2, 0, 1).float()
+    crops = MultiCrop(DataConfig(large_size=size, small_size=size), 3, (0.0,) * 3, (1.0,) * 3)
+    [loader_blur] = [t for t in crops.q_small.transforms if isinstance(t, v2.RandomApply)
+                     if isinstance(t.transforms[0], v2.GaussianBlur)]
+    blur = loader_blur.transforms[0]
+    blur.sigma = [sigma, sigma]
+    kernel = blur.kernel_size[0]
+    got = {"loader": blur(img).float(),
+           "device": gaussian_blur(img[None].float(), kernel, torch.tensor([sigma]))[0]}
+    inner = (slice(None), slice(8, -8), slice(8, -8))
+    for where, out in got.items():
+        diff = (out - want)[inner].abs()
+        assert float(diff.max()) <= 4.0 and float(diff.mean()) <= 1.0, (where, kernel, float(diff.max()),
+                                                                          float(diff.mean()))
 
 
 def test_batch_multicrop_shapes_seeding_and_independent_samples():

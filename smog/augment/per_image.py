@@ -7,6 +7,8 @@ colour images; brightness/contrast jitter only on grey ones. Inputs are uint8 te
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms import v2
 
@@ -20,8 +22,10 @@ Q_BLUR_P, K_BLUR_P, K_SOLARIZE_P = 1.0, 0.1, 0.2  # q crops are never solarised
 
 
 def blur_kernel(size: int) -> int:
-    """Gaussian blur taps for a crop of `size` px: odd, ~10% of the crop as in SimCLR/BYOL."""
-    return max(3, (size // 10) | 1)
+    """Gaussian blur taps for a crop of `size` px: 3 sigma each side of the centre at the largest sigma (the
+    authors' PIL GaussianBlur(radius=sigma) has no kernel size to set), capped at 2 * size - 1 taps, the widest
+    that reflect padding allows."""
+    return min(2 * math.ceil(3 * BLUR_SIGMA[1]) + 1, 2 * size - 1)
 
 
 def _view(cfg: DataConfig, size: int, scale: tuple[float, float], channels: int, mean: tuple[float, ...],
