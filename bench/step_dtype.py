@@ -13,7 +13,8 @@ is CUDA-only in the trainer; here only the step's dtype changes (`method.step_dt
    own crops (train mode, no gradient); per head, smog_kernels.grouping_step on the same rows and groups
    with the rows in float32 and in bfloat16: the fraction of targets (momentum z of the large k crops,
    groups before the update) and of update-row assignments (online z) that differ, and the relative
-   change of the loss.
+   change of the loss. Against the model's own groups, and against K groups from k-means of its memory
+   bank for each K of --flip-groups (the ImageNet recipe's 3000 by default).
 
 Runs write under a temporary folder; the result goes to DIR/step_dtype_<config>.json.
 """
@@ -45,10 +46,15 @@ def _train(config: str, overrides: list[str], out: str) -> tuple[Trainer, dict, 
 
 
 @torch.no_grad()
-def flips(trainer: Trainer, batches: int) -> dict:
+def flips(trainer: Trainer, batches: int, groups: int) -> dict:
     """Per head: fractions of targets and update-row assignments that bfloat16 rows move to another group,
-    and the loss's relative change, over `batches` training batches of the trainer's last epoch."""
+    and the loss's relative change, over `batches` training batches of the trainer's last epoch, against
+    `groups` groups per head: the model's own when that is method.groups, else spherical k-means of its
+    memory bank (as a re-clustering would start an epoch with that many groups)."""
     model, cfg = trainer.model, trainer.cfg.method
+    heads = [model.groups[h] if groups == cfg.groups else
+             smog_kernels.spherical_kmeans(trainer.bank.rows(h % trainer.bank.views), groups, iters=cfg.kmeans_iters,
+                                           seed=h, backend=cfg.backend)[0] for h in range(cfg.heads)]
     counts = {"targets": [0] * cfg.heads, "assignments": [0] * cfg.heads, "target_rows": 0, "update_rows": 0}
     loss_change: list[float] = []
     beta = group_momentum(cfg, trainer.total_steps - 1, trainer.total_steps)
@@ -60,14 +66,14 @@ def flips(trainer: Trainer, batches: int) -> dict:
         counts["update_rows"] += z_q.shape[1]
         for h in range(cfg.heads):
             update = z_q[model.update_crop(h)]
-            out = {dtype: smog_kernels.grouping_step(model.groups[h], z_k.to(dtype), update.to(dtype),
-                                                     p_q.to(dtype), beta, cfg.temperature, backend=cfg.backend)
+            out = {dtype: smog_kernels.grouping_step(heads[h], z_k.to(dtype), update.to(dtype), p_q.to(dtype), beta,
+                                                     cfg.temperature, backend=cfg.backend)
                    for dtype in (torch.float32, torch.bfloat16)}
             full, low = out[torch.float32], out[torch.bfloat16]
             counts["targets"][h] += int((full.targets != low.targets).sum())
             counts["assignments"][h] += int((full.index != low.index).sum())
             loss_change.append(abs(float(low.loss) - float(full.loss)) / abs(float(full.loss)))
-    return {"batches": batches, "heads": cfg.heads, "groups": cfg.groups,
+    return {"batches": batches, "heads": cfg.heads, "groups": groups,
             "target_rows_per_head": counts["target_rows"], "update_rows_per_head": counts["update_rows"],
             "targets_flipped": [n / counts["target_rows"] for n in counts["targets"]],
             "assignments_flipped": [n / counts["update_rows"] for n in counts["assignments"]],
@@ -80,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="quickstart", help="packaged recipe name or YAML path")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.seed of each pair of runs")
     parser.add_argument("--flip-batches", type=int, default=40, help="training batches of the flip count")
+    parser.add_argument("--flip-groups", type=int, nargs="+", default=[0, 3000],
+                        help="groups per head of the flip counts (0: the recipe's method.groups)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
     args = parser.parse_args(argv)
@@ -98,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(json.dumps(run), flush=True)
                 if dtype == "float32" and result["flips"] is None:
                     result["resolved_config"] = to_dict(trainer.cfg)
-                    result["flips"] = flips(trainer, args.flip_batches)
+                    result["flips"] = [flips(trainer, args.flip_batches, k or trainer.cfg.method.groups)
+                                       for k in args.flip_groups]
                     print(json.dumps(result["flips"]), flush=True)
     result["load_average_after"] = list(os.getloadavg())
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
