@@ -15,9 +15,12 @@ import os
 import random
 import shutil
 import tempfile
+from typing import Callable
 
 import numpy as np
 import torch
+
+from smog.config import ConfigError
 
 MAGIC = b"SMOG-CHECKPOINT 1\n"
 HEADER_LIMIT = 4096  # the header line is far shorter; a file without a newline before this is not ours
@@ -139,3 +142,132 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def upgrade_layout(state: dict) -> dict:
+    """A checkpoint or rank file of the layout written before the method owned its state (model groups at
+    "groups", the memory bank and RNG states at the top) in today's layout; others unchanged."""
+    if "rank" in state or "bank" not in state:
+        return state
+    state = dict(state)
+    rank = {"rng": state.pop("rng"), "method": {"bank": state.pop("bank")}}
+    if not state.pop("bank_ready", True):
+        rank["method"] = None
+    state["rank"] = rank
+    if "model" in state:  # a main checkpoint (rank files hold no model)
+        model = dict(state["model"])
+        model["grouping.groups"] = model.pop("groups")
+        state["model"] = model
+        meter = dict(state["meter"])
+        state["method"] = {"counts": meter.pop("counts")}
+        state["meter"] = meter
+    return state
+
+
+class RunFiles:
+    """The checkpoint files of a run directory and the resume policy across processes.
+
+    checkpoint.pt (written by rank 0) holds everything, rank 0's own state included; with several
+    processes every rank also writes its own state (memory bank, RNG) to rank{r}.pt first. Each write keeps
+    the file it replaces (*.prev.pt), so a crash at any moment leaves a position (epoch, step) that the
+    checkpoint and every rank file hold.
+    """
+
+    def __init__(self, run_dir: str, rank: int, world: int, say: Callable[[str], None]):
+        self.rank, self.world, self.say = rank, world, say
+        self.main_path = os.path.join(run_dir, "checkpoint.pt")
+        self.rank_path = os.path.join(run_dir, f"rank{rank}.pt")
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def save(self, state: dict, own: dict) -> None:
+        """state: the whole checkpoint (rank 0 writes it); own: this rank's part ({"step", "epoch", "world",
+        "rank": ...}), written by every rank when there are several."""
+        if self.world > 1:
+            save(own, self.rank_path)
+            self._barrier()
+        if self.rank == 0:
+            save(state, self.main_path)
+        self._barrier()
+
+    def _usable(self, paths: list[str], world: int | None = None, report: bool = True) -> tuple[dict, list[str]]:
+        """({(epoch, step): path} of the files among `paths` that pass their checks (and were written by
+        `world` processes, if given), refused paths); with `report` each refusal is said."""
+        usable, refused = {}, []
+        for path in paths:
+            if not os.path.exists(path):
+                continue
+            try:
+                head = header(path)
+            except CheckpointError as error:
+                if report:
+                    self.say(str(error))
+                refused.append(path)
+                continue
+            if world is None or head["world"] == world:
+                usable.setdefault((head["epoch"], head["step"]), path)
+        return usable, refused
+
+    def _set_aside(self, usable: dict, refused: list[str], position: tuple) -> None:
+        """Rename refused files and files newer than the resumed `position` (another timeline) to *.set-aside,
+        so that the next saves cannot rotate them back in."""
+        for path in refused + [p for pos, p in usable.items() if pos > position]:
+            os.replace(path, path + ".set-aside")
+            self.say(f"set aside {path} as {path}.set-aside")
+
+    def restore(self, where: str, device: torch.device, steps_per_epoch: int) -> tuple[dict, dict | None] | None:
+        """where: "" (fresh), "auto" (this run's newest usable checkpoint, if any) or a path. Returns None for a
+        fresh start, else (the checkpoint's state, this rank's own state or None when no rank file holds the
+        resumed position: the memory bank is then refilled).
+
+        auto tries checkpoint.pt, then checkpoint.prev.pt, and resumes the newest position (epoch, step) that
+        the checkpoint and every rank's own file hold; a refused file is reported and set aside. A checkpoint
+        written by another number of processes resumes only with the same steps per epoch.
+        """
+        if not where:
+            return None
+        paths = [self.main_path, previous_path(self.main_path)] if where == "auto" else [where]
+        if where == "auto" and not any(os.path.exists(p) for p in paths):
+            return None
+        if where != "auto" and not os.path.isfile(where):
+            raise FileNotFoundError(f"checkpoint not found: {where}")
+        mains, refused = self._usable(paths, report=self.rank == 0)
+        if not mains:
+            raise CheckpointError(f"no usable checkpoint to resume: {', '.join(refused)} refused "
+                                  f"(see above); start afresh without --resume or pass another path")
+        owns, own_refused = ({}, [])
+        every: list[set] = []
+        if self.world > 1:
+            owns, own_refused = self._usable([self.rank_path, previous_path(self.rank_path)], self.world)
+            every = [set()] * self.world
+            torch.distributed.all_gather_object(every, set(owns))
+        common = set(mains).intersection(*every)
+        position = max(common) if common else max(mains)
+        state = upgrade_layout(load(mains[position], device))
+        if state["world"] != self.world and state["steps_per_epoch"] != steps_per_epoch:
+            raise ConfigError(f"{mains[position]} was written by {state['world']} processes with "
+                              f"{state['steps_per_epoch']} steps per epoch; this run has {self.world} processes "
+                              f"and {steps_per_epoch}: resume it with {state['world']} processes")
+        if self.rank == 0:
+            self._set_aside(mains, refused, position)
+        if self.world > 1:
+            self._set_aside(owns, own_refused, position)
+        own = state["rank"]
+        if state["world"] != self.world:
+            if self.rank == 0:
+                self.say(f"{mains[position]} was written by {state['world']} processes, this run has {self.world}: "
+                         f"resuming at epoch {state['epoch']}, step {state['step']} with the memory bank refilled "
+                         f"by the fill pass (not bit-identical to a run that kept {state['world']})")
+            own = {"rng": own["rng"], "method": None}
+        elif self.world > 1 and position in owns:
+            own = upgrade_layout(load(owns[position], device))["rank"]
+        elif self.world > 1:
+            lag = [r for r, held in enumerate(every) if position not in held]
+            if self.rank == 0:
+                self.say(f"{mains[position]} holds epoch {position[0]}, step {position[1]}, but the rank files of "
+                         f"ranks {lag} hold {[sorted(every[r]) for r in lag]} (they lag or lead): resuming that "
+                         f"step with the memory bank refilled by the fill pass")
+            own = {"rng": own["rng"], "method": None}
+        return state, own

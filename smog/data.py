@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -303,6 +303,46 @@ def device_crops(cfg: Config, large: int = 2) -> BatchMultiCrop | None:
 def crop_seed(seed: int, rank: int, step: int) -> int:
     """The seed of a device-made batch of crops: a function of the run's seed, the process and the step."""
     return (seed * 1_000_003 + rank * 2_147_483_647 + (step + 2) * 6_700_417) % (2 ** 63)
+
+
+class TrainData:
+    """One process's training input: its shard of the pretraining set per epoch (a DistributedSampler over
+    full batches, shuffled by train.seed and the epoch), loaders that resume mid-epoch, and the crops of a
+    batch on the training device (made there from raw images when data.augment_on=device)."""
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.dataset = train_set(cfg)
+        self.make_crops = device_crops(cfg)
+        self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
+                                          seed=cfg.train.seed, drop_last=True)
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        """Images of this process's shard per epoch."""
+        return len(self.sampler)
+
+    def batches(self, epoch: int, batch_size: int, skip: int = 0, crop_epoch: int | None = None,
+                large_q_only: bool = False) -> Iterator[dict]:
+        """The epoch's full batches of this shard, shuffled, minus the first `skip` batches (a resume).
+        crop_epoch: the epoch the per-image crops are seeded with (default `epoch`); large_q_only: only the
+        large q crops (the memory-bank fill)."""
+        self.dataset.set_epoch(epoch if crop_epoch is None else crop_epoch)
+        self.sampler.set_epoch(epoch)
+        sampler = ResumableSampler(self.sampler, skip * batch_size)
+        loader = make_loader(self.dataset, batch_size, self.cfg.data, sampler, drop_last=True,
+                             pin=self.device.type == "cuda")
+        self.dataset.large_q_only = large_q_only
+        try:
+            yield from loader
+        finally:
+            self.dataset.large_q_only = False
+
+    def crops(self, batch: dict, step: int, large_q_only: bool = False) -> dict[str, list[torch.Tensor]]:
+        """A batch's q (and k) crops on the device, in the model's memory format: the loader's, or made from
+        the batch's raw images under a seed of (train.seed, rank, step)."""
+        seed = crop_seed(self.cfg.train.seed, self.rank, step)
+        return batch_crops(batch, self.make_crops, seed, self.device, self.memory_format, large_q_only)
 
 
 def batch_crops(batch: dict, make_crops: BatchMultiCrop | None, seed: int, device: torch.device,

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 
-import torch
 
 from smog.config import ConfigError
-
-
-def usage(counts: torch.Tensor) -> tuple[int, float]:
-    """counts [K] -> (non-empty groups, assignment entropy normalised to [0, 1] by log K)."""
-    counts = counts.double()
-    nonempty = int((counts > 0).sum())
-    p = counts / counts.sum().clamp(min=1)
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return nonempty, entropy / math.log(counts.numel()) if counts.numel() > 1 else 0.0
 
 
 def scalars(record: dict) -> dict[str, float]:

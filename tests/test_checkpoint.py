@@ -120,7 +120,7 @@ def test_resume_auto_falls_back_to_the_previous_checkpoint(three_steps, tmp_path
         bad.write_bytes(damaged[damage])
         trainer = trainer_for(root, "train.epochs=2")
         assert trainer.resume("auto")
-        assert (trainer.epoch, trainer.step) == (0, 2), damage
+        assert (trainer.progress.epoch, trainer.progress.step) == (0, 2), damage
         reported = capsys.readouterr().err
         assert f"{bad} is refused" in reported, (damage, reported)
         assert (root / "digits" / "checkpoint.pt.set-aside").read_bytes() == damaged[damage]

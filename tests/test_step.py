@@ -1,5 +1,5 @@
 """grouping_step's wiring against a step written out with smog_kernels.reference: a statistics reducer
-(plain and gathering), one group, and the former names of its argument and output."""
+(plain and gathering), one group, and the gradient into the update rows with grad_groups."""
 from __future__ import annotations
 
 import pytest
@@ -81,22 +81,22 @@ def test_one_group_takes_every_row(generator):
     assert_step(step, reference_step(g, target_rows, update_rows, predictions))
 
 
-def test_former_names_grad_centroids_and_centroids(generator):
-    """grad_centroids=True is grad_groups=True (the gradient reaches the update rows, which it does not by
-    default); .centroids is .groups."""
+def test_grad_groups_lets_the_gradient_reach_the_update_rows(generator):
+    """With grad_groups the gradient reaches the update rows through G' (which it does not by default), as
+    the reference step differentiated through G' gives it."""
     g, target_rows, update_rows, predictions = inputs(generator)
     grads = []
-    for kwargs in ({}, {"grad_groups": True}, {"grad_centroids": True}):
+    for grad_groups in (False, True):
         z = update_rows.clone().requires_grad_()
         p = predictions.clone().requires_grad_()
-        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, **kwargs)
+        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, grad_groups=grad_groups)
         step.loss.backward()
         grads.append(z.grad)
-        assert step.centroids is step.groups
-        assert step.groups.requires_grad == bool(kwargs)  # G' carries the graph to the update rows iff grad_groups
+        assert step.groups.requires_grad == grad_groups  # G' carries the graph to the update rows iff grad_groups
     assert grads[0] is None  # by default G' is detached: no gradient reaches the update rows
-    assert grads[1] is not None and grads[1].abs().sum() > 0
-    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=0)
+    z = update_rows.clone().requires_grad_()
+    reference_step(g, target_rows, z, predictions, grad_groups=True)[0].backward()
+    torch.testing.assert_close(grads[1], z.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_tensor_beta_is_read_as_its_value(generator):

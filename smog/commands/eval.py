@@ -22,7 +22,8 @@ from smog.data import DatasetNotFound
 from smog.dist import init_from_env
 from smog.evaluation import knn_scores, linear_score
 from smog.evaluation.paper_linear import paper_linear
-from smog.loop import build_model, pick_device
+from smog.loop import pick_device
+from smog.method import build_model
 
 
 def _positive(kind):
@@ -50,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"no checkpoint at {args.checkpoint}")
-        state = checkpoint.load(args.checkpoint)
+        state = checkpoint.upgrade_layout(checkpoint.load(args.checkpoint))
         cfg = config_from_dict(state["config"], args.overrides)
         device = pick_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         model = build_model(cfg)
         model.load_state_dict(state["model"])
-        backbone = model.online.backbone.to(device)
+        backbone = model.encoder().to(device)
         protocol = args.linear_protocol
         if protocol == "auto":
             protocol = "paper" if cfg.data.name == "folder" else "features"
