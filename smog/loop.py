@@ -214,8 +214,8 @@ class Trainer:
         paths = [self.ckpt_path, checkpoint.previous_path(self.ckpt_path)] if where == "auto" else [where]
         if where == "auto" and not any(os.path.exists(p) for p in paths):
             return False
-        if where != "auto" and not os.path.isfile(where):
-            raise FileNotFoundError(f"checkpoint not found: {where}")
+        if where != "auto":
+            checkpoint.read(where)  # a file the user named: refused in one line unless a smog training checkpoint
         mains, refused = self._usable(paths, report=self.dist.main)
         if not mains:
             raise checkpoint.CheckpointError(f"no usable checkpoint to resume: {', '.join(refused)} refused "
