@@ -19,7 +19,8 @@ from smog import checkpoint
 from smog.backbones import build_backbone
 from smog.budget import Budget
 from smog.config import LARGE_CROPS, Config, ConfigError, to_dict
-from smog.data import ResumableSampler, batch_crops, crop_seed, data_info, device_crops, make_loader, train_set
+from smog.data import (ResumableSampler, SkippedImages, batch_crops, crop_seed, data_info, device_crops, make_loader,
+                       train_set)
 from smog.dist import DistInfo, init_from_env, kmeans, stats_reducer
 from smog.evaluation import knn_scores
 from smog_kernels.memory_bank import MemoryBank
@@ -92,6 +93,7 @@ class Trainer:
         self.ckpt_path = os.path.join(self.run_dir, "checkpoint.pt")
 
         self.dataset = train_set(cfg)
+        self.skipped = SkippedImages(self.dataset, cfg.data.max_bad_fraction, self.dist)
         self.device_crops = device_crops(cfg)
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world, rank=self.dist.rank,
                                           shuffle=True, seed=cfg.train.seed, drop_last=True)
@@ -293,6 +295,7 @@ class Trainer:
         bar = tqdm(itertools.islice(loader, batches), desc="memory bank", total=batches,
                    disable=not (self.cfg.train.progress and self.dist.main))
         for i, batch in enumerate(bar):
+            self.skipped.note(batch)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
                 # negative steps: the fill pass's crops never repeat a training step's
                 z, _ = self.model.online(self._crops(batch, -2 - i, large_q_only=True)["q"])
@@ -366,7 +369,8 @@ class Trainer:
         heads = [usage(c) for c in self.meter["counts"]]
         record = {"kind": "epoch", "epoch": self.epoch, "step": self.step,
                   "loss": self.meter["loss"] / max(1, self.meter["steps"]), "seconds": seconds,
-                  "nonempty": [n for n, _ in heads], "entropy": [e for _, e in heads]}
+                  "nonempty": [n for n, _ in heads], "entropy": [e for _, e in heads],
+                  "bad_images": self.skipped.end_epoch()}
         if knn:
             scores = self.knn()
             if self.dist.main:
@@ -421,6 +425,7 @@ class Trainer:
             desc = f"epoch {self.epoch + 1}" + ("" if budget else f"/{cfg.train.epochs}")  # a budget ends by time
             bar = tqdm(loader, desc=desc, disable=not show, initial=self.step_in_epoch, total=self.steps_per_epoch)
             for batch in bar:
+                self.skipped.note(batch)
                 if budget is not None:
                     self.total_steps = budget.total_steps(self.step)
                 loss = self.train_step(batch)
