@@ -74,7 +74,7 @@ setup(
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "torchvision", "matplotlib"],
+    install_requires=["torch>=2.6", "numpy", "pillow", "pyyaml", "tqdm", "torchvision", "matplotlib"],
     extras_require={"test": ["pytest", "scikit-learn", "tensorboard", "timm"], "triton": ["triton"],
                     "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"],
                     "bench": ["lightly>=1.6", "scikit-learn"]},

@@ -91,7 +91,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = os.path.join(cfg.train.out_dir, cfg.train.run_name or cfg.name)
 
-        self.data = TrainData(cfg, self.dist.rank, self.dist.world, self.device)
+        self.data = TrainData(cfg, self.dist, self.device)
         check_shard(cfg, len(self.data), self.dist.world)
         self.batch_size = cfg.train.batch_size // self.dist.world  # per process and optimiser step
         self.sub_batch = self.batch_size // cfg.train.accumulate  # per process and forward pass
@@ -326,7 +326,7 @@ class Trainer:
         p = self.progress
         record = {"kind": "epoch", "epoch": p.epoch, "step": p.step,
                   "loss": self.meter["loss"] / max(1, self.meter["steps"]), "seconds": seconds,
-                  **self.method.epoch_metrics()}
+                  **self.method.epoch_metrics(), "bad_images": self.data.skipped.end_epoch()}
         self.meter = {"loss": 0.0, "steps": 0}
         p.epoch += 1
         p.step_in_epoch = 0

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 import smog_kernels as sk
 from smog_kernels import reference as ref
-from smog_kernels.distributed import GroupStatsSync
 from tests.conftest import unit_rows
 from tests.test_distributed import launch, seed_for
 

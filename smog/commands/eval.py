@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(args.checkpoint):
         args.checkpoint = os.path.join(args.checkpoint, "checkpoint.pt")
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"no checkpoint at {args.checkpoint}")
-        state = checkpoint.upgrade_layout(checkpoint.load(args.checkpoint))
+        state = checkpoint.read(args.checkpoint)
         cfg = config_from_dict(state["config"], args.overrides)
         device = pick_device(cfg.train.device)
         if cfg.train.threads:
