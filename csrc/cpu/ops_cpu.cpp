@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "cpu/microkernels.h"
-#include "mutants.h"
 
 namespace smog::cpu {
 namespace {
@@ -121,8 +120,7 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
         float top = b[0];
         int32_t top_index = a[0];
         for (int64_t j = 1; j < kNR; ++j)
-          if (b[j] > top || (b[j] == top && (SMOG_MUTATED(SMOG_MUTANT_CPU_LANE_TIE) ? a[j] > top_index
-                                                                                   : a[j] < top_index))) {
+          if (b[j] > top || (b[j] == top && a[j] < top_index)) {
             top = b[j];
             top_index = a[j];
           }
@@ -196,7 +194,7 @@ void update_rows(const scalar_t* c, const float* sums, const int64_t* counts, in
     for (int64_t g = 0; g < k; ++g) {
       const scalar_t* cg = c + g * d;
       scalar_t* og = out + g * d;
-      if (counts[g] <= 0 && !SMOG_MUTATED(SMOG_MUTANT_CPU_EMPTY_GROUP)) {
+      if (counts[g] <= 0) {
         std::copy(cg, cg + d, og);
         continue;
       }

@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include "common.cuh"
-#include "mutants.h"
 
 namespace smog_cuda {
 namespace {
@@ -38,7 +37,7 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ c, int64_t N, int64
     for (int j = 0; j < 16; ++j) {
       const int col = q * 16 + j;
       const float s = S[r * LDS + col];
-      if (k0 + col < K && (s > v || (SMOG_MUTATED(SMOG_MUTANT_CUDA_COLUMN_TIE) && s == v))) {
+      if (k0 + col < K && s > v) {
         v = s;
         vk = k0 + col;
       }
@@ -47,12 +46,12 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ c, int64_t N, int64
     for (int off = 1; off < 4; off <<= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, v, off);
       const int64_t ok = __shfl_xor_sync(0xffffffffu, vk, off);
-      if (ov > v || (ov == v && (SMOG_MUTATED(SMOG_MUTANT_CUDA_SHUFFLE_TIE) ? ok > vk : ok < vk))) {
+      if (ov > v || (ov == v && ok < vk)) {
         v = ov;
         vk = ok;
       }
     }
-    if (v > best || (SMOG_MUTATED(SMOG_MUTANT_CUDA_TILE_TIE) && v == best)) {
+    if (v > best) {
       best = v;
       best_k = vk;
     }
@@ -72,14 +71,11 @@ __global__ void assign_merge_kernel(const float* __restrict__ part_score, const 
                                     int64_t* __restrict__ index) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
-  constexpr bool reversed = SMOG_MUTATED(SMOG_MUTANT_CUDA_MERGE_ORDER);
-  const int64_t first = reversed ? splits - 1 : 0;
-  float best = part_score[first * N + row];
-  int64_t best_k = part_index[first * N + row];
-  for (int64_t i = 1; i < splits; ++i) {
-    const int64_t s = reversed ? splits - 1 - i : i;
+  float best = part_score[row];
+  int64_t best_k = part_index[row];
+  for (int64_t s = 1; s < splits; ++s) {
     const float v = part_score[s * N + row];
-    if (v > best || (SMOG_MUTATED(SMOG_MUTANT_CUDA_MERGE_TIE) && v == best)) {
+    if (v > best) {
       best = v;
       best_k = part_index[s * N + row];
     }

@@ -19,7 +19,6 @@
 #include <cstring>
 
 #include "common.cuh"
-#include "mutants.h"
 
 namespace smog_cuda {
 namespace {
@@ -153,7 +152,7 @@ __global__ void momentum_update_kernel(const T* __restrict__ c, const float* __r
   const T* crow = c + k * D;
   T* orow = out + k * D;
   const int64_t n = counts[k];
-  if (n <= 0 && !SMOG_MUTATED(SMOG_MUTANT_CUDA_EMPTY_GROUP)) {
+  if (n <= 0) {
     for (int64_t d = lane; d < D; d += 32) orow[d] = crow[d];
     return;
   }
