@@ -309,7 +309,7 @@ def sync_group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int,
 
 def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
                          group: dist.ProcessGroup | None) -> torch.Tensor:
-    """initial_centroids(concatenation of all ranks' x, K, rank 0's seed) [K, D] float32, on every rank.
+    """initial_groups(concatenation of all ranks' x, K, rank 0's seed) [K, D] float32, on every rank.
 
     Rank 0's seed and every rank's row count travel in one small all-gather; each rank then draws
     the same K global row numbers, fills in the rows it holds, and one all-reduce of the (otherwise
@@ -324,7 +324,7 @@ def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
             f"the ranks hold {total} rows in all ({sizes}), fewer than num_groups={num_groups} initial groups"
         )
     generator = torch.Generator().manual_seed(seed0)
-    rows = torch.randperm(total, generator=generator)[:num_groups]  # as initial_centroids on the union
+    rows = torch.randperm(total, generator=generator)[:num_groups]  # as initial_groups on the union
     start = sum(sizes[: _rank(group)])
     mine = (rows >= start) & (rows < start + x.shape[0])
     init = torch.zeros(num_groups, x.shape[1], dtype=torch.float32, device=x.device)

@@ -109,7 +109,7 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
                    c["num_warps"], c["num_stages"])
     if "cgrad" in kernels:
         c = cfg["cgrad"]
-        yield ("centroid_grad", k.centroid_grad_kernel,
+        yield ("group_grad", k.group_grad_kernel,
                {"p_ptr": ptr, "c_ptr": ptr, "lse_ptr": f32, "w_ptr": f32, "wmax_ptr": f32, "out_ptr": f32,
                 "inv_t": "fp32"},
                dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, NORMALIZE_W=dtype == "fp16",

@@ -1,6 +1,6 @@
 // smog::assign on CUDA: argmax_k <x_i, c_k> with ties to the smallest k.
 //
-// Each block owns 64 rows of x and streams over 64-centroid tiles (score_tile: tensor cores for
+// Each block owns 64 rows of x and streams over 64-group tiles (score_tile: tensor cores for
 // bf16/fp16, CUDA cores for float32), keeping a running (max, argmax) per row: 4 threads per row
 // scan 16 columns each in increasing k, combine with warp shuffles (larger score, or equal score and
 // smaller index), and the running value only moves on a strictly larger score, so the first maximal
@@ -86,15 +86,15 @@ __global__ void assign_merge_kernel(const float* __restrict__ part_score, const 
 
 std::tuple<at::Tensor, at::Tensor> assign_cuda(const at::Tensor& x_in, const at::Tensor& c_in) {
   TORCH_CHECK(x_in.dim() == 2 && c_in.dim() == 2 && x_in.size(1) == c_in.size(1),
-              "smog::assign: x [N, D] and centroids [K, D] expected");
-  TORCH_CHECK(x_in.scalar_type() == c_in.scalar_type(), "smog::assign: x and centroids must share a dtype");
+              "smog::assign: x [N, D] and groups [K, D] expected");
+  TORCH_CHECK(x_in.scalar_type() == c_in.scalar_type(), "smog::assign: x and groups must share a dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), c = c_in.contiguous();
   const int64_t N = x.size(0), K = c.size(0), D = x.size(1);
   auto index = at::empty({N}, x.options().dtype(at::kLong));
   auto score = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {index, score};
-  TORCH_CHECK(K >= 1, "smog::assign: centroids must hold at least one row");
+  TORCH_CHECK(K >= 1, "smog::assign: groups must hold at least one row");
 
   const int64_t row_blocks = ceil_div(N, BM);
   const int64_t num_tiles = ceil_div(K, BN);
