@@ -21,13 +21,8 @@ e = bytes per feature element:
 `choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also packs,
 unpacks and sums all W * N gathered rows, and takes it when 2 * (its bytes) < (the all-reduce's
 bytes): W * N * (e D + 8) < 4 K (D + 2), about W * N < K for float32 rows (the bytes alone would
-say W * N < 2 K). Measured with bench/distributed (gloo over loopback, D = 128, one thread
-per process on an idle 16-core machine, bench/results/distributed_gloo_16core*.json): K = 65536,
-N in {256, 1024}, W in {2, 3, 4}: all-gather 22-34 ms against all-reduce 61-78 ms; K = 3000: the
-all-gather is faster up to W * N = 2048 (W = 2, 4) or 1536 (W = 3) and slower from W * N = 3072
-(W = 2, 3) or 4096 (W = 4) on; the rule picks the faster strategy in 32 of the 33 cases measured,
-the miss (W = 2, N = 1024) by 0.05 ms. NCCL was not measured (one GPU). On a loaded 2-core machine
-(bench/results/distributed_gloo.json, _crossover.json) the figures are noisier. Pass strategy= to override.
+say W * N < 2 K). bench/distributed times both strategies against this rule (docs/benchmarks.md).
+Pass strategy= to override.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the

@@ -76,7 +76,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
     stages = 3 if major >= 9 else 2
     # (Checked by compiling for sm_90 with ptxas -v: no register spills with unit feature strides.)
     # float32 (IEEE, no tensor cores): small tiles, because the unrolled FMA products of big ones
-    # take ptxas 20-30 s per kernel to compile; float32 speed is not what this backend is for.
+    # make ptxas slow to compile each kernel; float32 speed is not what this backend is for.
     if kind == "assign":
         if wide:
             return dict(BM=32, BN=32 if big_d else 64, num_warps=8, num_stages=2)
