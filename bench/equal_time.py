@@ -155,8 +155,8 @@ def train_smog_for(cfg: Config, budget: Budget, run_dir: str) -> dict:
     cfg.train.out_dir, cfg.train.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
     trainer = Trainer(cfg)
     trainer.fit(budget=budget)
+    budget.stop()  # training ended: closing the log is not training time
     trainer.log.close()
-    budget.stop()
     if not budget.points or budget.points[-1]["step"] != trainer.step:  # the bank fill spent the whole budget
         budget.record(trainer.step, trainer.knn())
     return {"backbone": trainer.model.online.backbone, "steps": trainer.step,
