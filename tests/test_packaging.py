@@ -47,3 +47,15 @@ def test_importing_the_packages_loads_no_benchmark_lightly_or_tool_code():
     assert not unwanted, unwanted
     assert "smog_kernels.registry" in loaded  # (the check itself sees the modules)
 
+
+def test_the_product_holds_no_mutation_switch():
+    """Mutation testing patches a scratch copy (tools/kernel_mutants.py, tools/python_mutants.py): no switch
+    in the kernels or the build, and no mutmut configuration at the root."""
+    sources = [os.path.join(ROOT, "setup.py")] + [os.path.join(folder, name) for folder, _, names in
+                                                  os.walk(os.path.join(ROOT, "csrc")) for name in names]
+    switched = []
+    for path in sources:
+        with open(path) as f:
+            switched += [path] if "SMOG_MUTANT" in f.read() else []
+    assert not switched, switched
+    assert not os.path.exists(os.path.join(ROOT, "setup.cfg"))
