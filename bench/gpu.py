@@ -185,8 +185,6 @@ def graphed(fn, grads):
 def fused_fns(pb: Problem, backend, name: str) -> dict:
     from smog_kernels.fused_loss import FusedGroupLoss
 
-    n = pb.n
-
     def loss(p, c, targets):
         return FusedGroupLoss.apply(p, c, targets, TEMPERATURE, "mean", False, backend)
 
@@ -208,8 +206,6 @@ def fused_fns(pb: Problem, backend, name: str) -> dict:
 
 def reference_fns(pb: Problem) -> dict:
     from smog_kernels import reference as ref
-
-    n = pb.n
 
     def loss_fwdbwd(targets=pb.targets):
         out = ref.group_contrastive_loss(pb.p, pb.c, targets, TEMPERATURE)
