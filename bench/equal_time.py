@@ -191,4 +191,4 @@ def train_smog_for(cfg: Config, minutes: float, every_minutes: float, run_dir: s
         final = {"minutes": trainer.clock.spent() / 60.0, "knn": knn(trainer)}
     curve.append({"minutes": final["minutes"], "step": p.step, "knn": final["knn"]})
     return {"backbone": trainer.method.encoder(), "steps": p.step, "epochs": p.step / p.steps_per_epoch,
-            "lr_progress": p.step / p.total_steps, "curve": curve, "train_seconds": trainer.clock.spent()}
+            "lr_progress": p.step / p.total_steps, "curve": curve, "train_seconds": 60.0 * curve[-1]["minutes"]}

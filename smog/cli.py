@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "train": ("smog.commands.train", "pretrain with SMoG: smog train [--config FILE] [key=value ...]"),
     "eval": ("smog.commands.eval", "evaluate a checkpoint: smog eval {knn,linear} CHECKPOINT_OR_RUN_DIR"),
-    "bench": ("smog.benchmarks", "kernel benchmarks and auto's tuning: smog bench {kernels,gpu,tune}"),
+    "bench": ("smog.benchmarks", "kernel benchmarks and auto's tuning: smog bench {kernels,tune}"),
     "check": ("smog.commands.check", "numerical parity of every op and backend against the reference"),
 }
 

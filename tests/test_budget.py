@@ -57,8 +57,13 @@ def budgeted(tmp_path, *extra: str):
 
 
 def test_a_budgeted_run_ends_on_time_with_its_schedules_at_their_end_values(tmp_path):
-    trainer = budgeted(tmp_path)
+    every = MINUTES / 4
+    trainer = budgeted(tmp_path, f"eval.knn_every_minutes={every}")
     final = trainer.fit()
+    marks = [r for r in trainer.log.records() if r["kind"] == "knn"]  # kNN along the way: once per mark passed
+    assert 1 <= len(marks) <= 3 and all(r["minutes"] < MINUTES for r in marks)
+    passed = [int(r["minutes"] // every) for r in marks]
+    assert all(p >= 1 for p in passed) and passed == sorted(set(passed))
     assert MINUTES <= final["minutes"] < MINUTES + SLACK_S / 60
     assert final["step"] == trainer.progress.step > trainer.progress.steps_per_epoch  # ran past an epoch
     records = steps(trainer)
