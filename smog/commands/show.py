@@ -128,7 +128,7 @@ def groups(args: argparse.Namespace) -> None:
         raise ShowError(f"--groups {args.groups} is more than the {k} groups of a head")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
+    device = pick_device("auto")  # the GPU when there is one, whatever device the run trained on
     info = data_info(cfg.data)
     images = clean_set(cfg.data, "train", cfg.data.train_subset)
     generator = torch.Generator().manual_seed(args.seed)
