@@ -201,7 +201,12 @@ def load(path: str, device: torch.device | str = "cpu") -> dict:
     """The state saved at `path` (any file save() wrote), in the current layout, after the checks of header()
     and with nothing in it run: a payload importing anything but what smog writes is a CheckpointError naming
     the file and the globals. FileNotFoundError when there is no file."""
-    version, _, payload = _read(path)
+    return _load(path, device)[1]
+
+
+def _load(path: str, device: torch.device | str) -> tuple[dict, dict]:
+    """(header(path), load(path))."""
+    version, head, payload = _read(path)
     allowed = GLOBALS if version >= 2 else _V1_GLOBALS
     stream = io.BytesIO(payload)
     try:
@@ -225,7 +230,7 @@ def load(path: str, device: torch.device | str = "cpu") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} is refused: its payload holds a {type(state).__name__}, not a "
                               f"dict of training state")
-    return upgrade(state, version)
+    return {**head, "version": version}, upgrade(state, version)
 
 
 def read(path: str, device: torch.device | str = "cpu") -> dict:
@@ -233,11 +238,16 @@ def read(path: str, device: torch.device | str = "cpu") -> dict:
     gives it. A file that is not a smog training checkpoint (another program's torch file, a smog rank file,
     damage, code in the payload) is a CheckpointError whose one-line message says what the file is and what
     smog expected; FileNotFoundError when there is no file."""
+    return read_with_header(path, device)[2]
+
+
+def read_with_header(path: str, device: torch.device | str = "cpu") -> tuple[str, dict, dict]:
+    """(the checkpoint file, its header, its training state) of the checkpoint a user named, as read()."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = load(path, device)
+    head, state = _load(path, device)
     if not all(key in state for key in _TRAINING):
         if "rank" in state:
             what = f"one process's memory bank and RNG state (a rank file of a {state.get('world')}-process run)"
@@ -245,7 +255,7 @@ def read(path: str, device: torch.device | str = "cpu") -> dict:
             what = f"a smog file holding only {', '.join(map(str, state))}"
         raise CheckpointError(f"checkpoint {path} is refused: it is {what}, not a training checkpoint; smog "
                               f"expected checkpoint.pt of a run directory, written by smog train")
-    return state
+    return path, head, state
 
 
 _LEGACY_TORCH = bytes.fromhex("80028a0a6cfc9c46f9206aa85019")  # the pickled magic number torch < 1.6 wrote first
