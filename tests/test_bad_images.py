@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.faults import environment, free_port, torchrun
+from tools.faults import environment, free_port, torchrun
 from smog.cli import main as smog_main
 from smog.config import load_config
 from smog.data import (SkippedImages, UnreadableData, UnreadableImage, UnreadableImageWarning,
