@@ -32,19 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "mutants.md"
 MODULES = {  # mutmut's dotted name: the file
     "smog.schedules": "smog/schedules.py",
+    "smog.budget": "smog/budget.py",
+    "smog.health": "smog/health.py",
+    "smog.networks": "smog/networks.py",
+    "smog.method": "smog/method.py",
     "smog_kernels.kmeans": "smog_kernels/kmeans.py",
     "smog_kernels.reference": "smog_kernels/reference.py",
     "smog_kernels.memory_bank": "smog_kernels/memory_bank.py",
     "smog_kernels.step": "smog_kernels/step.py",
-    "smog.method": "smog/method.py",
+    "smog_kernels.grouping": "smog_kernels/grouping.py",
 }
 # The fast CPU tests that check these modules against values derived by hand or from the reference.
 # The Triton interpreter's parametrisations are left out (slow; the CPU backend's copies of the same
 # tests decide) except the parity grouping step's (Triton is the only backend here with a fused first
-# pass); the multi-process memory-bank test is left out (its ranks are `smog train` processes, which
-# cannot load mutmut's trampolines).
+# pass). Left out as well: tests whose processes are spawned (the multi-process memory-bank test, whose
+# ranks are `smog train` processes, and the module's DDP test: mutmut maps no test to a function run only
+# in another process), and the two budgeted training runs of test_budget.py (each runs the whole stack
+# for a fixed time, on every survivor of every module; the Clock and Budget unit tests check smog.budget),
+# and the torch.compile trace of the module (dynamo breaks the graph at mutmut's trampolines).
 TESTS = [
     "tests/test_schedules.py",
+    "tests/test_budget.py",
+    "tests/test_health.py",
+    "tests/test_networks.py",
     "tests/test_kmeans.py",
     "tests/test_assign_ties.py",
     "tests/test_reference.py",
@@ -55,11 +65,13 @@ TESTS = [
     "tests/test_accumulate.py",
     "tests/test_crop_roles.py",
     "tests/test_step.py",
+    "tests/test_grouping.py",
     "tests/test_parity.py::test_grouping_step_matches_reference",
     "tests/test_backends_auto.py::test_public_functions_consult_their_ops_figures",
     "tests/test_backbones.py::test_swin_update_rows_come_from_a_forward_without_drop_path",
 ]
-SELECT = "(not interpreter and not triton and not each_reclustering) or (grouping_step and interpreter)"
+SELECT = ("((not interpreter and not triton) or (grouping_step and interpreter)) and not each_reclustering "
+          "and not under_ddp and not budgeted_run and not torch_compile")
 KEY = re.compile(r"`((?:smog|smog_kernels)\.[\w.]+:[0-9a-f]{8})`")
 
 
