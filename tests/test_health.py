@@ -42,3 +42,21 @@ def test_collapse_fraction_zero_never_warns():
     for _ in range(4):
         watch.update([0, 0], 10, said.append)
     assert said == []
+
+
+def test_group_health_of_two_groups_and_of_one():
+    assert group_health(torch.tensor([[3, 3]]))["entropy"] == [1.0]  # log 2 / log 2
+    one = group_health(torch.tensor([[5], [0]]))  # K = 1: entropy 0, not 0 / log 1
+    assert one == {"in_use": [1, 0], "largest_share": [1.0, 0.0], "entropy": [0.0, 0.0]}
+
+
+def test_collapse_needs_fewer_groups_than_the_fraction_and_every_step_of_the_run_low():
+    said: list[str] = []
+    watch = CollapseWatch(fraction=0.25, steps=1)  # low: under 0.25 * 16 = 4
+    watch.update([4, 4], 16, said.append)
+    assert said == [] and watch.run == 0
+    watch.update([4, 3], 16, said.append)
+    assert len(said) == 1 and watch.run == 1
+    fresh = CollapseWatch(fraction=0.25, steps=2)
+    fresh.update([1, 8], 16, said.append)  # a run starts at the first low step: one of two
+    assert len(said) == 1 and fresh.run == 1
