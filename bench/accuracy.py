@@ -18,7 +18,6 @@ bench/results/accuracy_<config>_budget<M>.json and .png (kNN top-1 at the first 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -29,11 +28,11 @@ import torch
 
 from bench.equal_time import LIGHTLY_METHODS, train_lightly_for, train_smog_for
 from smog.benchmarks.kernels import machine as kernels_machine
-from smog.budget import Budget
-from smog.config import Config, load_config, to_dict
+from smog.config import Config, config_from_dict, load_config, to_dict
 from smog.evaluation import knn_scores, linear_score
 from smog.commands.train import run as train_smog
-from smog.loop import build_model, pick_device
+from smog.loop import pick_device
+from smog.method import build_model
 
 
 def plot(result: dict, path: str) -> None:
@@ -95,22 +94,20 @@ def pick_methods(text: str | None) -> tuple[list[str], dict[str, str]]:
     return methods, {}
 
 
-def run_method(name: str, cfg: Config, budget: Budget | None, device: torch.device, run_dir: str) -> dict:
-    """Train (but random init and raw pixels) and evaluate one method; its result dict."""
+def run_method(name: str, cfg: Config, minutes: float, every: float, device: torch.device, run_dir: str) -> dict:
+    """Train (but random init and raw pixels) for `minutes` of training time, kNN every `every` minutes and at
+    the end, and evaluate one method; its result dict."""
     started = time.perf_counter()
     os.makedirs(run_dir, exist_ok=True)
     out: dict = {}
     if name == "smog":
-        out = train_smog_for(cfg, budget, run_dir)
+        out = train_smog_for(cfg, minutes, every, run_dir)
         out["checkpoint"] = os.path.join(run_dir, "checkpoint.pt")
     elif name in LIGHTLY_METHODS:
-        out = train_lightly_for(name, cfg, budget, device, run_dir)
+        out = train_lightly_for(name, cfg, minutes, every, device, run_dir)
         out["checkpoint"] = os.path.join(run_dir, "model.pt")
-    backbone = build_model(cfg).online.backbone.to(device) if name == "random init" else out.pop("backbone", None)
-    if budget is None:
-        result = {"knn": knn_scores(backbone, cfg, device)}
-    else:
-        result = {"knn": budget.points[-1]["knn"], "curve": budget.points, "train_seconds": budget.spent()}
+    backbone = build_model(cfg).encoder().to(device) if name == "random init" else out.pop("backbone", None)
+    result = {"knn": out["curve"][-1]["knn"]} if out else {"knn": knn_scores(backbone, cfg, device)}
     result["linear_top1"] = linear_score(backbone, cfg, device)
     result.update(out)
     result["wall_seconds"] = time.perf_counter() - started
@@ -143,9 +140,7 @@ def run_budget(cfg: Config, args: argparse.Namespace, methods: list[str], skippe
             result["methods"][name] = found
             print(f"{name}: result found in {path}, not run again", flush=True)
             continue
-        trained = name not in ("random init", "raw pixels")
-        budget = Budget(minutes, every) if trained else None
-        method = {**run_method(name, cfg, budget, device, run_dir), "setup": setup}
+        method = {**run_method(name, cfg, minutes, every, device, run_dir), "setup": setup}
         with open(path + ".tmp", "w") as out:
             json.dump(method, out, indent=2)
         os.replace(path + ".tmp", path)
@@ -235,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "knn": {}, "seconds_per_epoch": {}}
     if "smog" in sides:
-        smog_cfg = copy.deepcopy(cfg)
-        smog_cfg.train.run_name = cfg.train.run_name or f"bench_{cfg.name}"
-        smog_cfg.eval.baselines = False  # computed once below for both sides
+        smog_cfg = config_from_dict(to_dict(cfg), [f"train.run_name={cfg.train.run_name or 'bench_' + cfg.name}",
+                                                   "eval.baselines=false"])  # baselines once below, for both sides
         out = train_smog(smog_cfg, "")
         records = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
         result["knn"]["smog"] = out["final"]["knn"]
@@ -249,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         lightly = train_lightly(cfg)
         result["knn"]["lightly"] = lightly["knn"]
         result["seconds_per_epoch"]["lightly"] = lightly["seconds_per_epoch"]
-    result["knn"]["random init"] = knn_scores(build_model(cfg).online.backbone.to(device), cfg, device)
+    result["knn"]["random init"] = knn_scores(build_model(cfg).encoder().to(device), cfg, device)
     result["knn"]["raw pixels"] = knn_scores(None, cfg, device)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     os.makedirs(args.out, exist_ok=True)

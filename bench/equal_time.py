@@ -1,10 +1,11 @@
-"""The methods of `bench/accuracy --budget-minutes`, each trained for one smog.budget.Budget of training time.
+"""The methods of `bench/accuracy --budget-minutes`, each trained for the same minutes of training time.
 
-smog: smog's Trainer (Trainer.fit with the budget). The lightly-based methods share one loop (train_lightly_for)
+smog: smog's Trainer with train.minutes (and eval.knn_every_minutes for the curve). The lightly-based methods
+share one loop (train_lightly_for) on the same clock (smog.budget's Clock and Budget),
 over smog's data and crops maker (bench.lightly_smog.LargeViews: one q-style and one k-style large crop
 per image, data.augment_on), backbone (cfg.model.backbone / width at train.seed's initial weights), batch
 size and threads; their learning rates follow smog.schedules.learning_rate's cosine (no warm-up, to 0)
-and BYOL's momentum smog.schedules.ema_rate, laid out over the budget's time (Budget.total_steps):
+and BYOL's momentum smog.schedules.ema_rate, laid out over the time (Budget.total_steps):
 
 - lightly-smog: bench.lightly_smog's recipe (SGD lr 0.01, momentum 0.9, weight decay 1e-6).
 - byol: lightly's CIFAR-10 benchmark (benchmarks/cifar10 of the lightly repository, lightly 1.5-1.6):
@@ -27,11 +28,13 @@ from torch import nn
 from bench.lightly_smog import LR as LIGHTLY_SMOG_LR
 from bench.lightly_smog import LargeViews, LightlySMoG
 from smog import checkpoint
-from smog.budget import Budget
-from smog.config import Config, MethodConfig, OptimConfig
+from smog.budget import Budget, Clock
+from smog.callbacks import knn
+from smog.config import Config, MethodConfig, OptimConfig, config_from_dict, to_dict
 from smog.evaluation import knn_scores
+from smog.loop import Trainer
+from smog.method import build_model
 from smog.schedules import ema_rate, learning_rate
-from smog.loop import Trainer, build_model
 
 LIGHTLY_METHODS = ("lightly-smog", "byol", "swav")
 BYOL_EMA = MethodConfig(ema_start=0.996, ema_end=1.0)
@@ -98,7 +101,7 @@ class SwAV(nn.Module):
 
 def lightly_method(name: str, cfg: Config, rows: int) -> tuple[nn.Module, torch.optim.Optimizer, OptimConfig]:
     """(model, optimizer, its schedule as an OptimConfig) of a lightly-based method at train.seed's weights."""
-    backbone = build_model(cfg).online.backbone
+    backbone = build_model(cfg).encoder()
     scale = cfg.train.batch_size / 128  # lightly's lr_factor
     cosine = OptimConfig(warmup_epochs=0.0, final_lr=0.0)
     if name == "lightly-smog":
@@ -116,18 +119,43 @@ def lightly_method(name: str, cfg: Config, rows: int) -> tuple[nn.Module, torch.
     raise ValueError(f"method must be one of {', '.join(LIGHTLY_METHODS)}, got {name!r}")
 
 
-def train_lightly_for(name: str, cfg: Config, budget: Budget, device: torch.device, run_dir: str) -> dict:
-    """Train lightly-based method `name` until `budget` is spent (checked after every step), kNN when the
-    budget says and at the end; its state goes to run_dir/model.pt. Returns {"backbone", "steps", "epochs",
-    "lr_progress" (step / total_steps at the last step)}."""
+class Timed:
+    """The lightly loop's clock: `minutes` of training time, the schedules' length over it, and kNN points
+    every `every_minutes` of it (0: at the end only), as smog's loop keeps them."""
+
+    def __init__(self, minutes: float, every_minutes: float):
+        self.clock, self.budget = Clock(), Budget(minutes)
+        self.every, self.marks = 60.0 * every_minutes, 0
+        self.points: list[dict] = []
+
+    def over(self) -> bool:
+        return self.budget.over(self.clock.spent())
+
+    def eval_due(self) -> bool:
+        spent = self.clock.spent()
+        if not self.every or self.over() or int(spent // self.every) <= self.marks:
+            return False
+        self.marks = int(spent // self.every)
+        return True
+
+    def record(self, step: int, scores: dict[str, float]) -> None:
+        self.points.append({"minutes": self.clock.spent() / 60.0, "step": step, "knn": scores})
+
+
+def train_lightly_for(name: str, cfg: Config, minutes: float, every_minutes: float, device: torch.device,
+                      run_dir: str) -> dict:
+    """Train lightly-based method `name` for `minutes` of training time (checked after every step), kNN every
+    `every_minutes` and at the end; its state goes to run_dir/model.pt. Returns {"backbone", "steps", "epochs",
+    "lr_progress" (step / total_steps at the last step), "curve" (the kNN points), "train_seconds"}."""
     views = LargeViews(cfg, device)
     model, optimizer, schedule = lightly_method(name, views.cfg, len(views.dataset))
     model = model.to(device, memory_format=views.fmt)
+    timed = Timed(minutes, every_minutes)
     step, epoch, total = 0, 0, 1
-    budget.start()
-    while not budget.over():
+    timed.clock.start()
+    while not timed.over():
         for x0, x1 in views.epoch(epoch):
-            total = budget.total_steps(step)
+            total = timed.budget.total_steps(step, timed.clock.spent())
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(schedule, step, views.steps_per_epoch, total)
             loss = model.training_step(x0, x1, step, total)
@@ -135,29 +163,32 @@ def train_lightly_for(name: str, cfg: Config, budget: Budget, device: torch.devi
             loss.backward()
             optimizer.step()
             step += 1
-            if budget.over():
+            if timed.over():
                 break
-            if budget.eval_due():
-                with budget.paused():
-                    budget.record(step, knn_scores(model.backbone, cfg, device))
+            if timed.eval_due():
+                with timed.clock.paused():
+                    timed.record(step, knn_scores(model.backbone, cfg, device))
         epoch += 1
-    budget.stop()
-    budget.record(step, knn_scores(model.backbone, cfg, device))
+    timed.clock.stop()
+    timed.record(step, knn_scores(model.backbone, cfg, device))
     checkpoint.save({"step": step, "method": name, "model": model.state_dict()}, os.path.join(run_dir, "model.pt"))
     return {"backbone": model.backbone, "steps": step, "epochs": step / views.steps_per_epoch,
-            "lr_progress": step / total}
+            "lr_progress": step / total, "curve": timed.points, "train_seconds": timed.clock.spent()}
 
 
-def train_smog_for(cfg: Config, budget: Budget, run_dir: str) -> dict:
-    """smog's Trainer until `budget` is spent; its checkpoint (`smog eval knn` reads it) goes to
-    run_dir/checkpoint.pt. Returns as train_lightly_for."""
-    cfg = copy.deepcopy(cfg)
-    cfg.train.out_dir, cfg.train.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
+def train_smog_for(cfg: Config, minutes: float, every_minutes: float, run_dir: str) -> dict:
+    """smog's Trainer for `minutes` of training time (train.minutes, eval.knn_every_minutes); its checkpoint
+    (`smog eval knn` reads it) goes to run_dir/checkpoint.pt. Returns as train_lightly_for."""
+    cfg = config_from_dict(to_dict(cfg), [f"train.out_dir={os.path.dirname(run_dir)}",
+                                          f"train.run_name={os.path.basename(run_dir)}", f"train.minutes={minutes}",
+                                          f"eval.knn_every_minutes={every_minutes}"])
     trainer = Trainer(cfg)
-    trainer.fit(budget=budget)
+    final = trainer.fit()
     trainer.log.close()
-    budget.stop()
-    if not budget.points or budget.points[-1]["step"] != trainer.step:  # the bank fill spent the whole budget
-        budget.record(trainer.step, trainer.knn())
-    return {"backbone": trainer.model.online.backbone, "steps": trainer.step,
-            "epochs": trainer.step / trainer.steps_per_epoch, "lr_progress": trainer.step / trainer.total_steps}
+    p = trainer.progress
+    curve = [{k: r[k] for k in ("minutes", "step", "knn")} for r in trainer.log.records() if r["kind"] == "knn"]
+    if "knn" not in final:  # the bank fill spent the whole budget: no epoch ran
+        final = {"minutes": trainer.clock.spent() / 60.0, "knn": knn(trainer)}
+    curve.append({"minutes": final["minutes"], "step": p.step, "knn": final["knn"]})
+    return {"backbone": trainer.method.encoder(), "steps": p.step, "epochs": p.step / p.steps_per_epoch,
+            "lr_progress": p.step / p.total_steps, "curve": curve, "train_seconds": 60.0 * curve[-1]["minutes"]}

@@ -29,8 +29,6 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from smog.config import ConfigError
-
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
@@ -198,13 +196,12 @@ def _convert(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
 def synchronise(model: nn.Module, group_size: int) -> nn.Module:
     """model with every BatchNorm synchronised over consecutive processes in groups of `group_size`
     (model.sync_bn_group; 0 = all processes); unchanged on one process or for group_size 1. Every process
-    must call it (it creates the process groups). Raises ConfigError when group_size does not divide the
-    number of processes."""
+    must call it (it creates the process groups); group_size must divide the number of processes."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     size = world if group_size == 0 else group_size
     if size == 1 or world == 1:
         return model
     if world % size:
-        raise ConfigError(f"model.sync_bn_group={group_size} must divide the {world} processes (0 = all of them)")
+        raise ValueError(f"group_size={group_size} must divide the {world} processes (0 = all of them)")
     group = None if size == world else dist.new_subgroups(size)[0]
     return _convert(model, group)

@@ -41,6 +41,7 @@ class DataConfig:
     augment_on: str = "loader"  # loader: per image in the DataLoader workers; device: whole batches on the device
     workers: int = 0
     pin_memory: bool = True
+    max_bad_fraction: float = 0.001  # image folders: stop once more than this share of the files is unreadable
 
 
 @dataclass
@@ -79,6 +80,8 @@ class MethodConfig:
     target_crops: tuple[int, ...] = (0, 1)  # large k crops whose momentum z give the targets
     update_crops: tuple[int, ...] = (0, 1)  # head h's update rows: online z of large q crop update_crops[h % len]
     momentum_small: bool = True  # the momentum network also forwards the small k crops (their BN statistics)
+    collapse_fraction: float = 0.1  # warn when a head's groups in use per step stay under this share of the fillable
+    collapse_steps: int = 100  # ... for this many steps in a row (smog.health; fraction 0 = never warn)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     knn_every: int = 1  # epochs between kNN evaluations during training (0 = only at the end)
+    knn_every_minutes: float = 0.0  # also every this many minutes of training time (0 = off)
     knn_k: tuple[int, ...] = (200, 20)
     knn_t: tuple[float, ...] = (0.1, 0.07)
     knn_train_subset: int = 0  # kNN memory: first N training images (0 = all)
@@ -113,6 +117,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    minutes: float = 0.0  # train for this much training time instead of train.epochs, the schedules laid over it
     batch_size: int = 256  # global batch of one optimiser step, split evenly over the processes
     # A: each process forwards its share in A sub-batches, one optimiser step per A (the authors' multi_forward;
     # 1 as their scripts run: they pass --multi-forward, which parse_known_args ignores)
@@ -126,6 +131,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epoch ends only)
     threads: int = 0  # torch CPU threads (0 = torch's default)
     progress: bool = True
+    log_every: int = 50  # steps between step records (loss, lr, group health) in metrics.jsonl
+    profile: int = 0  # profile this many steps (after 2 warm-up steps) into <run>/profile (0 = off)
     tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl (when tensorboard is installed)
     wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
     wandb_project: str = "smog"
@@ -158,7 +165,7 @@ POSITIVE = ("data.large_size", "data.small_size", "model.width", "model.grid", "
             "model.pred_hidden", "model.dim", "method.heads", "method.groups", "method.temperature",
             "method.kmeans_iters", "train.epochs", "train.batch_size", "train.accumulate", "eval.batch_size", "optim.lr")
 LARGE_CROPS = 2  # large crops per view set (the q and k sets each hold 2 large + data.small_crops small)
-UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end")
+UNIT = ("method.beta_start", "method.beta_end", "method.ema_start", "method.ema_end", "method.collapse_fraction")
 # keys of older recipes and checkpoints: old key -> (its key now, old value -> value now)
 RENAMED = {"model.sync_bn": ("model.sync_bn_group", {True: 0, False: 1})}
 
@@ -309,10 +316,50 @@ def validate(cfg: Config) -> None:
         if not crops or len(set(crops)) != len(crops) or not all(0 <= c < LARGE_CROPS for c in crops):
             raise ConfigError(f"{key} must list distinct large-crop indices in [0, {LARGE_CROPS - 1}] (there are "
                               f"{LARGE_CROPS} large crops per set), got {list(crops)}")
+    if not 0.0 <= cfg.data.max_bad_fraction < 1.0:
+        raise ConfigError(f"data.max_bad_fraction must lie in [0, 1) (the share of unreadable training images "
+                          f"that stops a run), got {cfg.data.max_bad_fraction!r}")
     for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers",
-                "model.sync_bn_group"):
+                "train.minutes", "eval.knn_every_minutes", "train.profile", "model.sync_bn_group"):
         if get(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {get(key)!r}")
+    for key in ("train.log_every", "method.collapse_steps"):
+        if get(key) < 1:
+            raise ConfigError(f"{key} must be >= 1, got {get(key)!r}")
+    accumulate = cfg.train.accumulate
+    if accumulate > 1 and (cfg.method.cuda_graphs or cfg.method.grad_into_groups):
+        raise ConfigError(f"train.accumulate={accumulate} needs method.cuda_graphs=false and "
+                          f"method.grad_into_groups=false (got {cfg.method.cuda_graphs} and "
+                          f"{cfg.method.grad_into_groups}): a cycle runs the grouping step over sub-batches, outside "
+                          f"a CUDA graph and without a gradient into the groups")
+
+
+def check_processes(cfg: Config, world: int, device_type: str) -> None:
+    """The checks that depend on the processes and the device (before any data loads)."""
+    if cfg.method.cuda_graphs and (device_type != "cuda" or world > 1):
+        raise ConfigError(f"method.cuda_graphs=true needs one CUDA process (this run: {device_type}, {world} "
+                          f"processes): the statistics cannot be reduced across processes inside a graph; set "
+                          f"method.cuda_graphs=false")
+    accumulate = cfg.train.accumulate
+    if cfg.train.batch_size % (world * accumulate):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch of one optimiser step) must "
+                          f"split evenly into train.accumulate={accumulate} sub-batches on each of {world} "
+                          f"processes: a multiple of {world * accumulate}")
+    group = cfg.model.sync_bn_group
+    if group and world % group:
+        raise ConfigError(f"model.sync_bn_group={group} must divide the {world} processes (0 = all of them)")
+
+
+def check_shard(cfg: Config, images_per_process: int, world: int) -> None:
+    """The checks that depend on the data: a full batch per epoch, and enough memory-bank rows for k-means."""
+    batch = cfg.train.batch_size // world
+    if images_per_process < batch:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {images_per_process} images per "
+                          f"process: no full batch per epoch")
+    bank_rows = images_per_process // batch * batch * world
+    if cfg.method.groups > bank_rows:
+        raise ConfigError(f"method.groups={cfg.method.groups} exceeds the {bank_rows} rows of the memory banks "
+                          f"(one epoch's batches): k-means cannot seed that many groups")
 
 
 def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config:

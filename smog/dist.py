@@ -1,4 +1,4 @@
-"""Process-group helpers: torchrun (env://) init, rank/world, and the group-statistics reducer."""
+"""Process-group helpers: torchrun (env://) init and the process's rank and world size."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
 import torch.distributed as torch_dist
 
 
@@ -89,24 +88,3 @@ def init_from_env(device_type: str, timeout_s: float = 600.0) -> DistInfo:
             torch_dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world,
                                           timeout=timeout)
     return DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def stats_reducer(info: DistInfo):
-    """None on one process; smog_kernels.distributed's reducer across the default group otherwise."""
-    if info.world <= 1:
-        return None
-    from smog_kernels.distributed import make_stats_reducer
-
-    return make_stats_reducer()
-
-
-def kmeans(x: torch.Tensor, num_groups: int, iters: int, seed: int, backend: str, info: DistInfo):
-    """Spherical k-means of the bank rows, synchronised across processes when there are several."""
-    if info.world <= 1:
-        import smog_kernels
-
-        return smog_kernels.spherical_kmeans(x, num_groups, iters=iters, seed=seed, backend=backend)[0]
-    from smog_kernels.distributed import spherical_kmeans
-
-    return spherical_kmeans(x, num_groups, iters=iters, seed=seed, backend=backend)[0]
-

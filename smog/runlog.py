@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 
-import torch
 
 from smog.config import ConfigError
-
-
-def usage(counts: torch.Tensor) -> tuple[int, float]:
-    """counts [K] -> (non-empty groups, assignment entropy normalised to [0, 1] by log K)."""
-    counts = counts.double()
-    nonempty = int((counts > 0).sum())
-    p = counts / counts.sum().clamp(min=1)
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return nonempty, entropy / math.log(counts.numel()) if counts.numel() > 1 else 0.0
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -102,10 +91,12 @@ class RunLog:
             os.remove(events)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records newer than `step` (after a resume from an earlier checkpoint)."""
-        kept = [r for r in self.records() if r.get("step", 0) <= step]
-        with open(self.path, "w") as out:
-            out.writelines(json.dumps(r) + "\n" for r in kept)
+        """Drop records newer than `step` (after a resume from an earlier checkpoint; a run directory that has no
+        log yet, resuming a checkpoint from elsewhere, is left as it is)."""
+        if os.path.isfile(self.path):
+            kept = [r for r in self.records() if r.get("step", 0) <= step]
+            with open(self.path, "w") as out:
+                out.writelines(json.dumps(r) + "\n" for r in kept)
         self.purge_step = step + 1  # TensorBoard hides the dropped steps' events too
 
     def plot(self) -> None:

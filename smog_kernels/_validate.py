@@ -74,6 +74,19 @@ def group_index(name: str, t: object, shape: tuple[int, ...], num_groups: int) -
     return t
 
 
+def unit_rows(name: str, t: torch.Tensor) -> None:
+    """Rows of L2 norm 1 within the dtype's rounding. Checked on CPU tensors outside torch.compile only:
+    elsewhere reading the check's result back would wait for the device or break the graph."""
+    if t.device.type != "cpu" or t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    tolerance = 1e-3 if t.dtype == torch.float32 else 2e-2
+    norms = t.detach().float().norm(dim=-1).flatten()
+    worst = int((norms - 1).abs().argmax())
+    if abs(float(norms[worst]) - 1) > tolerance:
+        raise ValueError(f"{name} must hold L2-normalised rows (norm 1 within {tolerance:g}), got a row of norm "
+                         f"{float(norms[worst]):.4g} ({_describe(t)}); normalise with F.normalize(x, dim=-1)")
+
+
 def unit_interval(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:

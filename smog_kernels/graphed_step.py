@@ -14,7 +14,7 @@ import torch
 
 from smog_kernels import _validate as check
 from smog_kernels.registry import resolve
-from smog_kernels.step import GroupingStep, _check_step, grouping_step
+from smog_kernels.step import GroupingStep, check_step, grouping_step
 
 
 class GraphedGroupingStep:
@@ -52,7 +52,7 @@ class GraphedGroupingStep:
             return GroupingStep(*step(*inputs, beta_scalar))
 
     def _capture(self, inputs: tuple[torch.Tensor, ...], beta: float) -> tuple:
-        _check_step(*inputs, beta, self.temperature)
+        check_step(*inputs, beta, self.temperature)
         if inputs[0].device.type != "cuda":
             raise ValueError(f"GraphedGroupingStep needs CUDA tensors, got groups on {inputs[0].device}; "
                              f"use smog_kernels.grouping_step elsewhere")

@@ -24,14 +24,18 @@ _OBJECTS = {  # name -> (module, attribute holding the backend)
 }
 
 
-@functools.cache
+_LOADED: dict[str, Backend | None] = {}  # name -> its backend (None: its module cannot be imported here)
+
+
 def get(name: str) -> Backend | None:
-    """The backend called `name`, or None when its module cannot be imported here."""
-    module, attribute = _OBJECTS[name]
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except ImportError:
-        return None
+    """The backend called `name`, or None when its module cannot be imported here (loaded on first use)."""
+    if name not in _LOADED:
+        module, attribute = _OBJECTS[name]
+        try:
+            _LOADED[name] = getattr(importlib.import_module(module), attribute)
+        except ImportError:
+            _LOADED[name] = None
+    return _LOADED[name]
 
 
 @functools.cache
@@ -55,14 +59,20 @@ def resolve(backend: str, rows: torch.Tensor, num_groups: int | None = None, op:
 
     An explicit name is checked against this install and the rows' device; "auto" is auto.choose's
     pick for `op` (a key of the tuned table: "assign", "loss_fwd", "loss_fwdbwd", "step", "step_graph").
+    Under torch.compile the choice is taken once, at tracing, as a constant of the graph.
     """
-    if backend != "auto":
-        return _named(backend, rows.device)
     shape = None
     if num_groups is not None and op is not None:
         n, d = rows.shape[-2:]
         shape = (_log2(n), _log2(num_groups), _log2(d))
-    return _auto(op, rows.device, rows.dtype, shape)
+    return _LOADED[_choice(backend, rows.device, rows.dtype, shape, op)]
+
+
+@torch.compiler.assume_constant_result
+def _choice(backend: str, device: torch.device, dtype: torch.dtype, log_shape: tuple[int, int, int] | None,
+            op: str | None) -> str:
+    """The name of the backend `resolve` returns (loaded)."""
+    return (_named(backend, device) if backend != "auto" else _auto(op, device, dtype, log_shape)).name
 
 
 @functools.cache

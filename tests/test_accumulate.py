@@ -8,40 +8,36 @@ of its own sample only and a sub-batch's rows are exactly the rows the same samp
    under G for every sub-batch, sub-batches before the last scored against G, the last against G', the
    mean of the A sub-batch losses.
 3. A global batch that does not split into A sub-batches per process is refused naming both keys.
-4. The cycle's statistics cross processes in one reduction, on the groups' device; method.backend and
-   method.step_dtype reach every op of the cycle.
+4. method.backend and method.step_dtype reach every op of the cycle.
+(The cycle itself, its reduction across processes and its equality with grouping_step for one sub-batch:
+tests/test_grouping.py.)
 """
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import smog_kernels
 from smog.config import ConfigError, load_config
-from smog.method import GroupCycle
-from smog.schedules import group_momentum
 from smog.loop import Trainer
+from smog.schedules import group_momentum
 from smog_kernels import reference
+from tests.training import first_batch, make_trainer, ready
 
 BATCH, A = 64, 4
-BASE = ["data.train_subset=256", f"train.batch_size={BATCH}", "data.small_crops=1", "eval.knn_every=0",
-        "method.beta_start=0.5", "method.beta_end=0.5", "data.workers=0"]
+BASE = [f"train.batch_size={BATCH}", "data.small_crops=1", "eval.knn_every=0", "method.beta_start=0.5",
+        "method.beta_end=0.5", "data.workers=0"]
 
 
 def frozen_trainer(tmp_path, accumulate: int, *overrides: str) -> Trainer:
     """A trainer with BatchNorm on running statistics, bank filled and epoch 0's groups clustered."""
-    trainer = Trainer(load_config("digits", [f"train.out_dir={tmp_path}", *BASE, f"train.accumulate={accumulate}",
-                                             *overrides]))
-    for module in trainer.model.modules():
+    trainer = make_trainer(tmp_path, *BASE, f"train.accumulate={accumulate}", *overrides)
+    for module in trainer.method.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-    trainer.fill_bank()
-    trainer.start_epoch(0)
-    return trainer
+    return ready(trainer)
 
 
 def recorded_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -50,7 +46,7 @@ def recorded_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     step = trainer.optimizer.step
 
     def spy(*args, **kwargs):
-        grads.update({n: p.grad.clone() for n, p in trainer.model.online.named_parameters() if p.grad is not None})
+        grads.update({n: p.grad.clone() for n, p in trainer.method.online.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
 
     trainer.optimizer.step = spy
@@ -60,23 +56,27 @@ def recorded_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_a_cycle_of_sub_batches_moves_the_groups_as_one_batch_a_times_larger(tmp_path):
     whole, split = frozen_trainer(tmp_path / "whole", 1), frozen_trainer(tmp_path / "split", A)
     assert split.sub_batch * A == whole.batch_size == BATCH
-    torch.testing.assert_close(split.model.groups, whole.model.groups, rtol=0, atol=0)  # the same start
-    start = whole.model.groups.clone()
-    batch = next(iter(whole._batches(0, 0)))
-    assert torch.equal(next(iter(split._batches(0, 0)))["index"], batch["index"])
-    whole.train_step(batch)
-    split.train_step(batch)
-    assert float((whole.model.groups - start).abs().max()) > 1e-2  # the step moved the groups
-    torch.testing.assert_close(split.model.groups, whole.model.groups, rtol=0, atol=1e-6)
-    assert torch.equal(split.meter["counts"], whole.meter["counts"]) and int(split.meter["counts"][0].sum()) == BATCH
-    assert torch.equal(split.bank.index, whole.bank.index) and split.bank.position == whole.bank.position == BATCH
-    torch.testing.assert_close(split.bank.bank, whole.bank.bank, rtol=0, atol=1e-6)
+    groups = {name: t.method.grouping.groups for name, t in (("whole", whole), ("split", split))}
+    torch.testing.assert_close(groups["split"], groups["whole"], rtol=0, atol=0)  # the same start
+    start = groups["whole"].clone()
+    batch = first_batch(whole)
+    assert torch.equal(first_batch(split)["index"], batch["index"])
+    whole.step(batch)
+    split.step(batch)
+    assert float((groups["whole"] - start).abs().max()) > 1e-2  # the step moved the groups
+    torch.testing.assert_close(groups["split"], groups["whole"], rtol=0, atol=1e-6)
+    counts = {name: t.method.counts for name, t in (("whole", whole), ("split", split))}
+    assert torch.equal(counts["split"], counts["whole"]) and int(counts["split"][0].sum()) == BATCH
+    banks = {name: t.method.bank for name, t in (("whole", whole), ("split", split))}
+    assert torch.equal(banks["split"].index, banks["whole"].index)
+    assert banks["split"].position == banks["whole"].position == BATCH
+    torch.testing.assert_close(banks["split"].bank, banks["whole"].bank, rtol=0, atol=1e-6)
 
 
 def hand_cycle(model, batch: dict, cfg, beta: float) -> torch.Tensor:
     """The accumulated loss of one cycle (step 0: no view swap) from reference ops: sum over the A
     sub-batches of their mean loss, divided by A."""
-    groups = model.groups.clone()
+    groups = model.grouping.groups.clone()
     heads, k = groups.shape[:2]
     sums, counts = torch.zeros(heads, k, groups.shape[2]), torch.zeros(heads, k, dtype=torch.int64)
     parts = []
@@ -108,46 +108,16 @@ def hand_cycle(model, batch: dict, cfg, beta: float) -> torch.Tensor:
 
 def test_the_cycle_gradient_is_the_mean_of_the_sub_batch_losses_against_g_then_g_prime(tmp_path):
     trainer = frozen_trainer(tmp_path, A)
-    before = copy.deepcopy(trainer.model)
-    batch = next(iter(trainer._batches(0, 0)))
-    beta = group_momentum(trainer.cfg.method, 0, trainer.total_steps)
+    before = copy.deepcopy(trainer.method)
+    batch = first_batch(trainer)
+    beta = group_momentum(trainer.cfg.method, 0, trainer.progress.total_steps)
     hand_cycle(before, batch, trainer.cfg, beta).backward()
     grads = recorded_grads(trainer)
-    trainer.train_step(batch)
+    trainer.step(batch)
     expected = {n: p.grad for n, p in before.online.named_parameters() if p.grad is not None}
     assert grads.keys() == expected.keys() and len(grads) > 0
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def run_cycle(trainer: Trainer, batch: dict, reduce_stats=None):
-    """GroupCycle over the A sub-batches of `batch` (step 0: no view swap) -> the last sub-batch's output."""
-    cycle = GroupCycle(trainer.model, 0.5, reduce_stats)
-    for i in range(A):
-        cut = slice(i * BATCH // A, (i + 1) * BATCH // A)
-        out = cycle.sub_batch(trainer.online, [c[cut] for c in batch["q"]], [c[cut] for c in batch["k"]], i == A - 1)
-    return out
-
-
-def test_a_cycle_reduces_its_statistics_once_across_processes(tmp_path):
-    """The last sub-batch hands the statistics of every head to reduce_stats in one call ([H * K, D] sums,
-    [H * K] counts) and moves G by what it returns: a reducer standing for a second process that saw the
-    same rows doubles the counts and leaves G' (the mean of the members) as it is."""
-    trainer = frozen_trainer(tmp_path, A)
-    batch = next(iter(trainer._batches(0, 0)))
-    heads, k, d = trainer.model.groups.shape
-    calls = []
-
-    def second_process(sums, counts):
-        calls.append((tuple(sums.shape), tuple(counts.shape)))
-        return 2 * sums, 2 * counts
-
-    local = run_cycle(trainer, batch)
-    both = run_cycle(trainer, batch, second_process)
-    assert calls == [((heads * k, d), (heads * k,))]
-    assert int(local.counts.sum()) == heads * BATCH and torch.equal(both.counts, 2 * local.counts)
-    assert float((local.groups - trainer.model.groups).abs().max()) > 1e-3  # G moved at beta 0.5
-    torch.testing.assert_close(both.groups, local.groups, rtol=0, atol=1e-6)
 
 
 def test_a_cycle_runs_every_op_on_the_configured_backend_and_step_dtype(tmp_path, monkeypatch):
@@ -156,25 +126,20 @@ def test_a_cycle_runs_every_op_on_the_configured_backend_and_step_dtype(tmp_path
     trainer = frozen_trainer(tmp_path, A, "method.backend=reference", "method.step_dtype=bfloat16")
     seen = []
     for name in ("assign", "group_stats", "momentum_update", "group_contrastive_loss"):
-        def spy(a, b, *args, _name=name, _op=getattr(smog_kernels, name), **kwargs):
-            seen.append((_name, kwargs.get("backend"), a.dtype, b.dtype if _name != "group_stats" else None))
+        def spy(a, b, *args, _name=name, _op=getattr(reference.REFERENCE, name), **kwargs):
+            seen.append((_name, a.dtype, b.dtype if _name != "group_stats" else None))
             return _op(a, b, *args, **kwargs)
-        monkeypatch.setattr(smog_kernels, name, spy)
-    run_cycle(trainer, next(iter(trainer._batches(0, 0))))
+        monkeypatch.setattr(reference.REFERENCE, name, spy)
+    trainer.step(first_batch(trainer))
     bf16, f32 = torch.bfloat16, torch.float32
-    assert {entry[0] for entry in seen} == {"assign", "group_stats", "momentum_update", "group_contrastive_loss"}
-    for name, backend, first, second in seen:
-        assert backend == "reference", name
+    heads = trainer.cfg.method.heads
+    calls = {name: sum(entry[0] == name for entry in seen) for name in
+             ("assign", "group_stats", "momentum_update", "group_contrastive_loss")}
+    assert calls == {"assign": A * heads, "group_stats": A * heads, "momentum_update": heads,
+                     "group_contrastive_loss": A * heads}
+    for name, first, second in seen:
         want = (f32, f32) if name == "momentum_update" else (bf16, None if name == "group_stats" else bf16)
         assert (first, second) == want, name
-
-
-def test_the_cycle_accumulates_on_the_groups_device():
-    """The cycle's sums [H, K, D] float32 and counts [H, K] int64 live with the groups (meta: no GPU needed)."""
-    cycle = GroupCycle(SimpleNamespace(groups=torch.empty(2, 3, 4, device="meta")), 0.5)
-    assert cycle.sums.device.type == cycle.counts.device.type == "meta"
-    assert (cycle.sums.shape, cycle.sums.dtype) == ((2, 3, 4), torch.float32)
-    assert (cycle.counts.shape, cycle.counts.dtype) == ((2, 3), torch.int64)
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -183,7 +148,7 @@ def test_the_cycle_accumulates_on_the_groups_device():
 ])
 def test_a_batch_that_does_not_split_into_the_sub_batches_is_refused(tmp_path, overrides, words):
     with pytest.raises(ConfigError) as error:
-        Trainer(load_config("digits", [f"train.out_dir={tmp_path}", "data.train_subset=256", *overrides]))
+        make_trainer(tmp_path, *overrides)
     for word in words:
         assert word in str(error.value)
 

@@ -53,6 +53,12 @@ def swin() -> SMoG:
 SWIN_SIZE = 28  # 7 x 7 patches: one attention window
 
 
+def _iteration(model: SMoG, q: list[torch.Tensor], k: list[torch.Tensor], beta: float):
+    """One iteration's (loss, update rows [U, N, D]) of `model` on the crop sets q and k."""
+    z_k, z_q, p = model.forward_crops(model.online, q, k)
+    return model.grouping(z_k, z_q[model.update_crops], p, beta), z_q[model.update_crops].detach()
+
+
 def _crops(seed: int, size: int, n: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(q, k) crop sets of random images, each 2 large [n, 3, size, size] + 1 small (data.small_crops=1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -76,9 +82,9 @@ def test_checkpointed_backbone_gives_the_same_loss_and_gradients(backbone, swin)
     outs = []
     for model in (plain, ckpt):
         torch.manual_seed(2)  # the same drop-path draws
-        out = model.step(model.online, q, k, beta=0.9)
-        out.loss.backward()
-        outs.append((out.loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad
+        loss, _ = _iteration(model, q, k, beta=0.9)
+        loss.backward()
+        outs.append((loss.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad
                                          for n, p in model.online.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = outs
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
@@ -109,13 +115,13 @@ def test_swin_update_rows_come_from_a_forward_without_drop_path(swin):
     model = copy.deepcopy(swin)
     model.train()
     q, k = _crops(3, SWIN_SIZE)
-    out = model.step(model.online, q, k, beta=0.9)
+    _, update_rows = _iteration(model, q, k, beta=0.9)
     # the online network with every drop-path rate 0, on the two large q crops: an independent forward
     for m in drop_paths(model.online.backbone):
         m.p = 0.0
     with torch.no_grad():
         z = F.normalize(model.online.projector(model.online.backbone(torch.cat(q[:2]))).float(), dim=1)
-    torch.testing.assert_close(out.bank_rows, torch.stack(z.chunk(2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(update_rows, torch.stack(z.chunk(2)), rtol=1e-5, atol=1e-5)
     assert model.online.training and all(m.training for m in model.online.modules())
 
 

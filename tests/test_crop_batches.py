@@ -28,15 +28,14 @@ def test_step_moves_each_head_by_its_large_crop_at_beta_below_one(tmp_path):
     statistics of large q crop h mod 2, as the hand-written reference step of test_method says."""
     import copy
 
-    from tests.test_method import first_batch, hand_step, make_trainer
+    from tests.test_method import hand_step
+    from tests.training import first_batch, make_trainer, ready
 
-    trainer = make_trainer(tmp_path, "method.beta_start=0.9", "method.beta_end=0.9")
-    trainer.fill_bank()
-    trainer.start_epoch(0)
+    trainer = ready(make_trainer(tmp_path, "method.beta_start=0.9", "method.beta_end=0.9"))
     batch = first_batch(trainer)
-    before = copy.deepcopy(trainer.model)
+    before = copy.deepcopy(trainer.method)
     expected_loss, expected_groups, _ = hand_step(before, batch, 0, trainer.cfg)
-    loss = trainer.train_step(batch)
-    assert not torch.allclose(expected_groups, before.groups)  # beta < 1: the groups moved
-    torch.testing.assert_close(trainer.model.groups, expected_groups, rtol=1e-5, atol=1e-6)
-    assert abs(loss - float(expected_loss)) <= 1e-5 * abs(float(expected_loss))
+    loss = trainer.step(batch)
+    assert not torch.allclose(expected_groups, before.grouping.groups)  # beta < 1: the groups moved
+    torch.testing.assert_close(trainer.method.grouping.groups, expected_groups, rtol=1e-5, atol=1e-6)
+    assert abs(loss - float(expected_loss.detach())) <= 1e-5 * abs(float(expected_loss.detach()))

@@ -11,6 +11,7 @@ from smog.augment.on_device import BatchMultiCrop
 from smog.config import load_config
 from smog.loop import Trainer
 from smog.augment.per_image import MultiCrop
+from tests.training import ready
 
 Q_RECIPE, K_RECIPE = (1.0, 0.0), (0.1, 0.2)  # (blur p, solarise p) of the q and k sets, by hand from the spec
 
@@ -33,10 +34,10 @@ def recorded_roles(trainer: Trainer, monkeypatch, steps: int) -> list[dict]:
         return out
 
     seen: list[dict] = []
-    real_step = type(trainer.model).step
-    real_momentum = trainer.model.momentum.forward
+    real_forward_crops = type(trainer.method).forward_crops
+    real_momentum = trainer.method.momentum.forward
 
-    def step(model, online, q, k, beta, reduce_stats=None):
+    def forward_crops(method, online, q, k):
         record = {"q": [made[id(c)] for c in q], "k": [made[id(c)] for c in k], "momentum": []}
         ids = [id(c) for c in k]
 
@@ -44,19 +45,17 @@ def recorded_roles(trainer: Trainer, monkeypatch, steps: int) -> list[dict]:
             record["momentum"] = [ids.index(id(c)) for c in crops]
             return real_momentum(crops)
 
-        monkeypatch.setattr(model.momentum, "forward", momentum)
+        monkeypatch.setattr(method.momentum, "forward", momentum)
         seen.append(record)
-        return real_step(model, online, q, k, beta, reduce_stats)
+        return real_forward_crops(method, online, q, k)
 
     monkeypatch.setattr(BatchMultiCrop, "view", view)
-    monkeypatch.setattr(type(trainer.model), "step", step)
-    trainer.fill_bank()
-    trainer.start_epoch(0)
-    batches = iter(trainer._batches(0, 0))
+    monkeypatch.setattr(type(trainer.method), "forward_crops", forward_crops)
+    ready(trainer)
+    batches = iter(trainer.data.batches(0, trainer.batch_size))
     for _ in range(steps):
         made.clear()
-        trainer.train_step(next(batches))
-        trainer.step += 1
+        trainer.step(next(batches))
     return seen
 
 

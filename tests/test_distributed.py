@@ -8,6 +8,7 @@ or hangs must make the others raise a clear error within the process group's tim
 """
 from __future__ import annotations
 
+import importlib
 import os
 import time
 import traceback
@@ -193,7 +194,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, scenario: str, s
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        result = SCENARIOS[scenario](rank, world, seed)
+        result = scenario_function(scenario)(rank, world, seed)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         code = 0
     except BaseException:  # noqa: BLE001 -- reported to the test process through the file
@@ -208,8 +209,17 @@ SCENARIOS: dict[str, Callable[[int, int, int], dict]] = {
 }
 
 
+def scenario_function(scenario: str) -> Callable[[int, int, int], dict]:
+    """A scenario of this module by name, or any module's function as "module:function"."""
+    if ":" not in scenario:
+        return SCENARIOS[scenario]
+    module, name = scenario.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def launch(world: int, scenario: str, seed: int, tmp: Path, timeout_s: float = 30.0) -> tuple[list, list[int]]:
-    """Runs `scenario` on `world` spawned processes; returns (per-rank results or None, exit codes)."""
+    """Runs `scenario` (see scenario_function) on `world` spawned processes; returns (per-rank results or
+    None, exit codes)."""
     tmp.mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(r, world, str(tmp / "rendezvous"), str(tmp), scenario, seed, timeout_s))
@@ -305,8 +315,8 @@ def test_kmeans_matches_one_process_on_the_union(runs) -> None:
                            ("given", sk.spherical_kmeans(union, KMEANS_K, KMEANS_ITERS, init=init))):
         expected = on("cpu", *expected)
         per_rank = [res["kmeans"][name] for res in results]
-        assert_same_on_all_ranks([(c,) for c, _ in per_rank], f"k-means ({name} init) centroids")
-        assert (per_rank[0][0] - expected[0]).abs().max() <= 1e-6, f"k-means ({name} init) centroids"
+        assert_same_on_all_ranks([(c,) for c, _ in per_rank], f"k-means ({name} init) groups")
+        assert (per_rank[0][0] - expected[0]).abs().max() <= 1e-6, f"k-means ({name} init) groups"
         assert torch.equal(torch.cat([i for _, i in per_rank]), expected[1]), f"k-means ({name} init) assignment"
 
 

@@ -112,12 +112,9 @@ def test_training_steps_with_graphs_match_eager(tmp_path):
     for graphs in (False, True):
         trainer = _trainer(tmp_path / str(graphs), "train.device=cuda", "method.backend=triton",
                            f"method.cuda_graphs={str(graphs).lower()}")
-        batches = iter(trainer._batches(trainer.epoch, 0))
-        losses = []
-        for _ in range(2):
-            losses.append(trainer.train_step(next(batches)))
-            trainer.step += 1
-        runs.append((torch.tensor(losses), trainer.model.groups.detach().cpu().clone()))
+        batches = iter(trainer.data.batches(trainer.progress.epoch, trainer.batch_size))
+        losses = [trainer.step(next(batches)) for _ in range(2)]
+        runs.append((torch.tensor(losses), trainer.method.grouping.groups.detach().cpu().clone()))
     (eager_loss, eager_groups), (graph_loss, graph_groups) = runs
     assert rel_err(graph_loss, eager_loss) <= 1e-4
     assert rel_err(graph_groups, eager_groups) <= 1e-4

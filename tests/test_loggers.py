@@ -33,7 +33,7 @@ def test_tensorboard_event_files_hold_the_numbers_of_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard package is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = trainer_for(tmp_path, "train.epochs=2")
+    trainer = trainer_for(tmp_path, "train.epochs=2", "train.log_every=3")
     trainer.fit()
     trainer.log.close()
     events = EventAccumulator(trainer.run_dir)
@@ -46,6 +46,15 @@ def test_tensorboard_event_files_hold_the_numbers_of_metrics_jsonl(tmp_path):
     assert knn == [(r["step"], pytest.approx(r["knn"]["k20_t0.07"], rel=1e-6)) for r in epochs]
     assert [e.value for e in events.Scalars("epoch/nonempty/2")] == [r["nonempty"][2] for r in epochs]
     assert "bank_fill/seconds" in events.Tags()["scalars"]
+    steps = [r for r in records(trainer) if r["kind"] == "step"]  # group health along the run, per head
+    assert [r["step"] for r in steps] == [3, 6, 9, 12, 15]
+    for name in ("in_use", "largest_share", "entropy"):
+        for h in range(trainer.cfg.method.heads):
+            got = [(e.step, e.value) for e in events.Scalars(f"step/{name}/{h}")]
+            assert got == [(r["step"], pytest.approx(r[name][h], rel=1e-6)) for r in steps], (name, h)
+    reclusters = [r for r in records(trainer) if r["kind"] == "recluster"]
+    assert [r["epoch"] for r in reclusters] == [0, 1]
+    assert [e.value for e in events.Scalars("recluster/in_use/0")] == [r["in_use"][0] for r in reclusters]
 
 
 def test_tensorboard_off_writes_no_event_files(tmp_path):
@@ -84,13 +93,12 @@ def test_wandb_is_opt_in_and_gets_every_record(tmp_path, monkeypatch):
     assert fake.inits[0]["config"]["train"]["wandb"] is True
     expected = []
     for r in records(trainer):  # by hand: every number of the record under "kind/name"
-        row = {f"{r['kind']}/{k}": v for k, v in r.items() if isinstance(v, float)}
-        for key in ("knn", "nonempty", "entropy"):
+        row = {f"{r['kind']}/{k}": float(v) for k, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        for key in ("knn", "nonempty", "entropy", "in_use", "largest_share"):
             values = r.get(key, {})
             items = values.items() if isinstance(values, dict) else enumerate(values)
             row.update({f"{r['kind']}/{key}/{k}": float(v) for k, v in items})
-        if "epoch" in r:
-            row["epoch/epoch"] = float(r["epoch"])
         expected.append((r["step"], row))
     assert fake.rows == expected and fake.finished == 1
 

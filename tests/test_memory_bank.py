@@ -5,7 +5,7 @@ for 3 epochs on 250 digits, so that drop_last leaves samples out (1 process: 250
 per rank = 7 x 16 + 13; 3: 83 per rank (one sample dropped by the sampler) = 5 x 16 + 3), and on 2
 processes with train.accumulate=2 (each step's 16 rows per rank written as two sub-batches of 8). A driver wraps
 the trainer from the outside: every `MemoryBank.write` is recorded with the training step it belongs to
-(the fill pass as step -1), and every `start_epoch` records each rank's bank and the rows handed to
+(the fill pass as step -1), and every `on_epoch_start` records each rank's bank and the rows handed to
 k-means. The test process then rebuilds, from the writes alone, each sample's freshest row (the one
 written at its most recent step, across all ranks) and checks at every re-clustering:
 - the ranks' banks together hold each sample at most once, exactly the samples of the previous epoch's
@@ -35,13 +35,15 @@ import torch
 
 spec = json.loads(sys.argv[1])
 rank = int(os.environ.get("RANK", "0"))
-import smog.runlog, smog.loop
-from smog_kernels.memory_bank import MemoryBank
+import smog.callbacks, smog.runlog
 from smog.loop import Trainer
+from smog.method import SMoG
+from smog_kernels import Grouping
+from smog_kernels.memory_bank import MemoryBank
 
 # not what is tested, and the slowest parts of a tiny run: plots and the final kNN
 smog.runlog.RunLog.plot = lambda self: None
-smog.loop.knn_scores = lambda *args, **kwargs: {}
+smog.callbacks.knn_scores = lambda *args, **kwargs: {}
 
 current, writes, snapshots, clustered = {"step": None}, [], [], []
 
@@ -51,33 +53,34 @@ def write(self, index, rows):
     _write(self, index, rows)
 MemoryBank.write = write
 
-_fill = Trainer.fill_bank
-def fill_bank(self):
+_fill = SMoG.on_fit_start
+def on_fit_start(self, trainer):
     current["step"] = -1
-    _fill(self)
-Trainer.fill_bank = fill_bank
+    return _fill(self, trainer)
+SMoG.on_fit_start = on_fit_start
 
-_train_step = Trainer.train_step
-def train_step(self, batch):
-    current["step"] = self.step
-    return _train_step(self, batch)
-Trainer.train_step = train_step
+_step = Trainer.step
+def step(self, batch):
+    current["step"] = self.progress.step
+    return _step(self, batch)
+Trainer.step = step
 
-_kmeans = smog.loop.kmeans
-def kmeans(x, *args, **kwargs):
-    clustered.append(x.clone())
-    return _kmeans(x, *args, **kwargs)
-smog.loop.kmeans = kmeans
+_recluster = Grouping.recluster
+def recluster(self, rows, *args, **kwargs):
+    clustered.extend(rows[h % len(rows)].clone() for h in range(self.heads))  # head h's rows
+    return _recluster(self, rows, *args, **kwargs)
+Grouping.recluster = recluster
 
-_start = Trainer.start_epoch
-def start_epoch(self, epoch):
+_start = SMoG.on_epoch_start
+def on_epoch_start(self, trainer, epoch):
     clustered.clear()
-    _start(self, epoch)
-    snapshots.append({"epoch": epoch, "step": self.step, "writes": len(writes), "bank": self.bank.bank.clone(),
-                      "index": self.bank.index.clone(), "clustered": list(clustered),
-                      "groups": self.model.groups.clone(),
-                      "steps_per_epoch": self.steps_per_epoch, "batch": self.batch_size})
-Trainer.start_epoch = start_epoch
+    record = _start(self, trainer, epoch)
+    snapshots.append({"epoch": epoch, "step": trainer.progress.step, "writes": len(writes),
+                      "bank": self.bank.bank.clone(), "index": self.bank.index.clone(), "clustered": list(clustered),
+                      "groups": self.grouping.groups.clone(),
+                      "steps_per_epoch": trainer.progress.steps_per_epoch, "batch": trainer.batch_size})
+    return record
+SMoG.on_epoch_start = on_epoch_start
 
 from smog.cli import main
 code = main(spec["argv"])

@@ -11,6 +11,8 @@ import torch
 from smog.config import MethodConfig, OptimConfig, load_config
 from smog.schedules import ema_rate, group_momentum, learning_rate
 from smog.loop import Trainer
+from smog.method import swap_roles
+from tests.training import first_batch, ready
 
 R2 = math.sqrt(2.0) / 2.0  # cos(pi / 4)
 
@@ -86,24 +88,23 @@ def test_training_step_applies_the_rates(tmp_path, step, lr, beta, ema):
         "optim.warmup_epochs=1", "optim.warmup_start_lr=0.1", "optim.final_lr=0.0",
         "method.beta_start=1.0", "method.beta_end=0.9", "method.ema_start=0.9", "method.ema_end=1.0",
     ])
-    trainer = Trainer(cfg)
-    assert (trainer.steps_per_epoch, trainer.total_steps) == (4, 8)
-    trainer.fill_bank()
-    trainer.start_epoch(0)
-    trainer.step = step
-    batch = next(iter(trainer._batches(0, 0)))
-    model = copy.deepcopy(trainer.model)
-    want = model.step(model.online, list(batch["q"]), list(batch["k"]), beta)
-    want.loss.backward()
+    trainer = ready(Trainer(cfg))
+    assert (trainer.progress.steps_per_epoch, trainer.progress.total_steps) == (4, 8)
+    trainer.progress.step = step
+    batch = first_batch(trainer)
+    model = copy.deepcopy(trainer.method)
+    q, k = swap_roles(list(batch["q"]), list(batch["k"]), step, cfg.method.swap)
+    z_k, z_q, predictions = model.forward_crops(model.online, q, k)
+    model.grouping(z_k, z_q[model.update_crops], predictions, beta).backward()
 
-    trainer.train_step(batch)
+    trainer.step(batch)
 
-    torch.testing.assert_close(trainer.model.groups, want.groups, rtol=0, atol=1e-6)
-    online = dict(trainer.model.online.named_parameters())
+    torch.testing.assert_close(trainer.method.grouping.groups, model.grouping.groups, rtol=0, atol=1e-6)
+    online = dict(trainer.method.online.named_parameters())
     for name, p in model.online.named_parameters():
         expected = p.detach() - lr * p.grad if p.grad is not None else p.detach()
         torch.testing.assert_close(online[name], expected, rtol=1e-6, atol=1e-7, msg=name)
     old = dict(model.momentum.named_parameters())
-    for name, p in trainer.model.momentum.named_parameters():
+    for name, p in trainer.method.momentum.named_parameters():
         torch.testing.assert_close(p, ema * old[name] + (1 - ema) * online[name], rtol=1e-6, atol=1e-7, msg=name)
 

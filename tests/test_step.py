@@ -1,5 +1,5 @@
 """grouping_step's wiring against a step written out with smog_kernels.reference: a statistics reducer
-(plain and gathering), one group, and the former names of its argument and output."""
+(plain and gathering), one group, and the gradient into the update rows with grad_groups."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 import smog_kernels as sk
 from smog_kernels import reference as ref
+from smog_kernels.backend import ASSIGN_AND_STATS
 from smog_kernels.distributed import GroupStatsSync
 from tests.conftest import unit_rows
 
@@ -81,22 +82,23 @@ def test_one_group_takes_every_row(generator):
     assert_step(step, reference_step(g, target_rows, update_rows, predictions))
 
 
-def test_former_names_grad_centroids_and_centroids(generator):
-    """grad_centroids=True is grad_groups=True (the gradient reaches the update rows, which it does not by
-    default); .centroids is .groups."""
+def test_grad_groups_lets_the_gradient_reach_the_update_rows(generator):
+    """With grad_groups the gradient reaches the update rows through G' (which it does not by default), as
+    the reference step differentiated through G' gives it."""
     g, target_rows, update_rows, predictions = inputs(generator)
     grads = []
-    for kwargs in ({}, {"grad_groups": True}, {"grad_centroids": True}):
+    for grad_groups in (False, True):
         z = update_rows.clone().requires_grad_()
         p = predictions.clone().requires_grad_()
-        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, **kwargs)
+        flag = {"grad_groups": True} if grad_groups else {}  # off by default
+        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, **flag)
         step.loss.backward()
         grads.append(z.grad)
-        assert step.centroids is step.groups
-        assert step.groups.requires_grad == bool(kwargs)  # G' carries the graph to the update rows iff grad_groups
+        assert step.groups.requires_grad == grad_groups  # G' carries the graph to the update rows iff grad_groups
     assert grads[0] is None  # by default G' is detached: no gradient reaches the update rows
-    assert grads[1] is not None and grads[1].abs().sum() > 0
-    torch.testing.assert_close(grads[2], grads[1], rtol=0, atol=0)
+    z = update_rows.clone().requires_grad_()
+    reference_step(g, target_rows, z, predictions, grad_groups=True)[0].backward()
+    torch.testing.assert_close(grads[1], z.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_a_tensor_beta_is_read_as_its_value(generator):
@@ -137,3 +139,66 @@ def test_a_gathering_reducer_uses_the_steps_backend(monkeypatch, generator):
     sk.grouping_step(g, target_rows, update_rows, predictions, BETA, TAU, reduce_stats=GroupStatsSync(),
                      backend="reference")
     assert asked == ["reference"]
+
+
+class Recording:
+    """A backend that runs `inner`'s ops and records their names. fused: it declares ASSIGN_AND_STATS, its
+    assign_and_stats being inner's assign of every row and group_stats of the rows x[stats_from:]."""
+
+    def __init__(self, inner, fused: bool):
+        self.inner, self.name, self.calls = inner, inner.name, []
+        self.capabilities = inner.capabilities | {ASSIGN_AND_STATS} if fused else inner.capabilities
+
+    def __getattr__(self, op):
+        def recorded(*args, **kwargs):
+            self.calls.append(op)
+            return getattr(self.inner, op)(*args, **kwargs)
+        return recorded
+
+    def assign_and_stats(self, x, groups, stats_from):
+        self.calls.append("assign_and_stats")
+        index, score = self.inner.assign(x, groups)
+        return (index, score, *self.inner.group_stats(x[stats_from:], index[stats_from:], groups.shape[0]))
+
+
+@pytest.mark.parametrize("name, fused, grad_groups, first", [
+    ("cpu", False, False, ["assign", "group_stats", "momentum_update"]),  # every op on the step's backend
+    ("reference", True, False, ["assign_and_stats", "momentum_update"]),  # the statistics from the first pass
+    ("cpu", True, True, ["assign"]),  # grad_groups: statistics and update on the reference (autograd)
+])
+def test_each_phase_runs_on_the_steps_backend(monkeypatch, generator, name, fused, grad_groups, first):
+    from smog_kernels import registry
+    from smog_kernels import step as step_module
+
+    backend = Recording(registry.get(name), fused)
+    monkeypatch.setattr(step_module, "resolve", lambda *args: backend)
+    g, target_rows, update_rows, predictions = inputs(generator)
+    z = update_rows.clone().requires_grad_(grad_groups)
+    step = sk.grouping_step(g, target_rows, z, predictions, BETA, TAU, grad_groups=grad_groups)
+    assert_step(step, reference_step(g, target_rows, update_rows, predictions))
+    loss_ops = backend.calls[len(first):]
+    assert backend.calls[:len(first)] == first and loss_ops and set(loss_ops) <= LOSS_OPS, backend.calls
+
+
+LOSS_OPS = {"loss_forward", "group_contrastive_loss"}
+
+
+def test_a_completed_cycle_and_an_accumulating_grad_groups_cycle_say_what_to_do(generator):
+    g, target_rows, update_rows, predictions = inputs(generator)
+    cycle = sk.GroupingCycle(g, TAU)
+    cycle.step(target_rows, update_rows, predictions, BETA)
+    with pytest.raises(RuntimeError, match=r"^this GroupingCycle has completed \(its last sub-batch ran\): "
+                                           r"start a new cycle$"):
+        cycle.step(target_rows, update_rows, predictions, BETA)
+    with pytest.raises(ValueError, match=r"^grad_groups=True cannot accumulate sub-batches: the gradient through "
+                                         r"G' would have to reach the earlier sub-batches' rows \(run each step "
+                                         r"as one sub-batch\)$"):
+        sk.GroupingCycle(g, TAU, grad_groups=True).step(target_rows, update_rows, predictions, BETA, last=False)
+
+
+def test_the_counts_of_rows_kept_for_a_gathering_reducer_live_on_the_index_device():
+    from smog_kernels.step import _counts
+
+    index = torch.tensor([2, 0, 2], device="meta")
+    counts = _counts([(None, index), (None, index[:1])], 4)
+    assert counts.device.type == "meta" and counts.shape == (4,) and counts.dtype == torch.int64

@@ -37,18 +37,20 @@ def test_a_fresh_run_in_a_used_directory_starts_a_new_log(tmp_path):
     trainer_for(tmp_path, "train.epochs=1", "data.train_subset=64").fit()
     again = trainer_for(tmp_path, "train.epochs=1", "data.train_subset=64")
     again.fit()
-    assert [r["kind"] for r in again.log.records()] == ["bank_fill", "epoch"]
+    assert [r["kind"] for r in again.log.records()] == ["bank_fill", "recluster", "epoch"]
 
 
 def test_reclustering_fills_every_group(tmp_path):
     trainer = trainer_for(tmp_path, "method.groups=16", "data.train_subset=250")  # 250 = 7 batches of 32 + 26
-    trainer.fill_bank()
-    assert trainer.bank.count == 7 * 32  # one epoch's batches: drop_last leaves out the 26
-    trainer.start_epoch(0)
+    trainer.method.on_fit_start(trainer)
+    bank, groups = trainer.method.bank, trainer.method.grouping.groups
+    assert bank.count == 7 * 32  # one epoch's batches: drop_last leaves out the 26
+    record = trainer.method.on_epoch_start(trainer, 0)
     for h in range(trainer.cfg.method.heads):
-        index, _ = smog_kernels.assign(trainer.bank.rows(h % 2), trainer.model.groups[h])
+        index, _ = smog_kernels.assign(bank.rows(h % 2), groups[h])
         assert int(torch.bincount(index, minlength=16).gt(0).sum()) == 16
-        torch.testing.assert_close(trainer.model.groups[h].norm(dim=1), torch.ones(16))
+        torch.testing.assert_close(groups[h].norm(dim=1), torch.ones(16))
+    assert record["kind"] == "recluster" and record["in_use"] == [16] * trainer.cfg.method.heads
 
 
 @pytest.mark.parametrize("augment_on, accumulate", [("loader", 1), ("device", 1), ("device", 2)])
@@ -61,14 +63,15 @@ def test_resume_mid_epoch_is_exact(tmp_path, augment_on, accumulate):
     first.fit(stop_after_steps=5)  # interrupted mid-epoch 1 (8 steps per epoch), checkpoint written
     del first
     resumed = trainer_for(tmp_path / "cut", *args)
-    assert resumed.resume("auto") and resumed.step == 5 and resumed.step_in_epoch == 5
+    assert resumed.resume("auto") and resumed.progress.step == 5 and resumed.progress.step_in_epoch == 5
     final_resumed = resumed.fit()
 
-    torch.testing.assert_close(resumed.model.groups, whole.model.groups, rtol=0, atol=0)
-    for (name, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
+    torch.testing.assert_close(resumed.method.grouping.groups, whole.method.grouping.groups, rtol=0, atol=0)
+    for (name, a), b in zip(resumed.method.state_dict().items(), whole.method.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-    torch.testing.assert_close(resumed.bank.bank, whole.bank.bank, rtol=0, atol=0)
-    assert torch.equal(resumed.bank.index, whole.bank.index) and resumed.bank.position == whole.bank.position
+    banks = resumed.method.bank, whole.method.bank
+    torch.testing.assert_close(banks[0].bank, banks[1].bank, rtol=0, atol=0)
+    assert torch.equal(banks[0].index, banks[1].index) and banks[0].position == banks[1].position
     assert final_resumed["loss"] == final_whole["loss"]
     assert final_resumed["knn"] == final_whole["knn"]
     def losses(trainer):
@@ -81,10 +84,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = trainer_for(tmp_path, "train.epochs=2")
     trainer.fit(stop_after_steps=2)
     with torch.no_grad():
-        trainer.model.online.predictor[3].bias.fill_(float("nan"))
+        trainer.method.online.predictor[3].bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLoss, match="loss became nan at epoch 0, step 2"):
         trainer.fit()
-    kept = checkpoint.load(trainer.ckpt_path)
+    kept = checkpoint.load(trainer.files.main_path)
     assert kept["step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 

@@ -141,6 +141,14 @@ def test_model_sync_bn_of_older_recipes_is_model_sync_bn_group(tmp_path):
         load_config("digits", ["model.sync_bn=8"])
 
 
+def test_sync_bn_group_must_divide_the_processes():
+    from smog.config import check_processes
+    for group in (0, 1, 2, 4):
+        check_processes(load_config("digits", [f"model.sync_bn_group={group}"]), 4, "cpu")
+    with pytest.raises(ConfigError, match="model.sync_bn_group=3 must divide the 4 processes"):
+        check_processes(load_config("digits", ["model.sync_bn_group=3"]), 4, "cpu")
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key 'train.epoch'"),
     ("train.epochs=three", "train.epochs must be an integer"),

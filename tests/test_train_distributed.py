@@ -10,15 +10,15 @@ rank 1 die with os._exit in the middle of a step.
 1. 2 ranks vs 1 rank with the same global batch (`test_two_ranks_match_one_rank_...`).
    BatchNorm: synchronised BatchNorm (`model.sync_bn_group`) runs on CPU ranks too
    (`test_sync_batchnorm_option_...` trains with it; tests/test_batchnorm.py checks its statistics
-   against one process; a training-time budget, whose clock would stop each rank at another step, is
-   refused on every rank: `test_a_training_time_budget_...`). Plain BatchNorm in training mode
+   against one process; under a training-time budget rank 0's clock decides for every rank:
+   `test_a_training_time_budget_...`). Plain BatchNorm in training mode
    normalises each rank's 16 rows with their own statistics, so every z (hence every assignment and
    group) of a 2-rank run differs from one process's by design. Both runs therefore put the BatchNorm layers on their running
    statistics (eval mode, set by the driver; the affine weights still train): BN is then a fixed
    per-sample map and everything the distribution does -- the sampler's shards, the all-reduced group
    statistics, DDP's gradient average, the loss as a mean of local means, LARS, EMA -- must reproduce
    the single process. Re-clustering is off (method.recluster_every=0): distributed k-means draws its
-   initial rows on rank 0 from rank 0's shard of the memory bank (docs/method.md, "Re-clustering") and one
+   initial rows from the union of the ranks' memory banks (docs/method.md, "Re-clustering") and one
    process from its whole bank, so the starting groups would differ by design (tests/test_distributed.py
    checks distributed k-means against one process for the same init; the next test covers it in
    training). Group momentum is 0.5 so every step moves the groups far more than the tolerance.
@@ -90,27 +90,28 @@ rank = int(os.environ.get("RANK", "0"))
 out_dir = spec["out"]
 os.makedirs(out_dir, exist_ok=True)
 
-import smog.loop
 from smog.loop import Trainer
 
 
 def state(trainer):
-    return {"step": trainer.step, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
-            "groups": trainer.model.groups.detach().clone(),
-            "model": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-            "params": {k: v.detach().clone() for k, v in trainer.model.named_parameters()},
-            "bank": trainer.bank.bank.clone(), "index": trainer.bank.index.clone(), "position": trainer.bank.position}
+    p, m = trainer.progress, trainer.method
+    return {"step": p.step, "epoch": p.epoch, "step_in_epoch": p.step_in_epoch,
+            "groups": m.grouping.groups.detach().clone(),
+            "model": {k: v.detach().clone() for k, v in m.state_dict().items()},
+            "params": {k: v.detach().clone() for k, v in m.named_parameters()},
+            "bank": m.bank.bank.clone(), "index": m.bank.index.clone(), "position": m.bank.position}
 
 
 if spec.get("snapshots"):  # every rank's state at every checkpoint; rank 0 keeps each checkpoint file
     _save = Trainer.save
     def save(self):
         _save(self)
-        torch.save(state(self), os.path.join(out_dir, f"rank{rank}-step{self.step}.pt"))
+        step = self.progress.step
+        torch.save(state(self), os.path.join(out_dir, f"rank{rank}-step{step}.pt"))
         if self.dist.world > 1:  # the rank's own file (memory bank, RNG) that a resume reads back
-            shutil.copyfile(self._rank_state_path(), os.path.join(out_dir, f"rank{rank}-file-step{self.step}.pt"))
+            shutil.copyfile(self.files.rank_path, os.path.join(out_dir, f"rank{rank}-file-step{step}.pt"))
         if self.dist.main:
-            shutil.copyfile(self.ckpt_path, os.path.join(out_dir, f"checkpoint-step{self.step}.pt"))
+            shutil.copyfile(self.files.main_path, os.path.join(out_dir, f"checkpoint-step{step}.pt"))
     Trainer.save = save
 
     _resume = Trainer.resume
@@ -121,11 +122,11 @@ if spec.get("snapshots"):  # every rank's state at every checkpoint; rank 0 keep
     Trainer.resume = resume
 
 if spec.get("kill_step") is not None:  # rank `kill_rank` dies in the middle of step `kill_step` + 1:
-    import smog.method                   # after its forward pass and group-statistics reduction,
-    _step = smog.method.SMoG.step        # before the backward's gradient all-reduce
+    from smog_kernels import Grouping    # after its forward pass and group-statistics reduction,
+    _forward = Grouping.forward          # before the backward's gradient all-reduce
     calls = [0]
-    def step(self, *args, **kwargs):
-        out = _step(self, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        out = _forward(self, *args, **kwargs)
         calls[0] += 1
         if rank == spec["kill_rank"] and calls[0] == spec["kill_step"] + 1:
             with open(os.path.join(out_dir, "killed"), "w") as marker:
@@ -134,42 +135,30 @@ if spec.get("kill_step") is not None:  # rank `kill_rank` dies in the middle of 
             sys.stderr.flush()
             os._exit(spec["kill_code"])
         return out
-    smog.method.SMoG.step = step
+    Grouping.forward = forward
 
 if spec["mode"] == "cli":
     from smog.cli import main
     sys.exit(main(spec["argv"]))
-
-if spec["mode"] == "budget":  # Trainer.fit with a training-time budget (smog.budget)
-    from smog.budget import Budget
-    from smog.config import ConfigError, load_config
-    try:
-        Trainer(load_config("digits", spec["overrides"])).fit(budget=Budget(0.05))
-    except ConfigError as error:
-        print(f"ConfigError: {error}")
-        sys.exit(2)
-    sys.exit(0)
 
 # mode "steps": bank fill, start of epoch 0, then `steps` training steps, recording every step
 from smog.config import load_config
 
 trainer = Trainer(load_config("digits", spec["overrides"]))
 if spec.get("freeze_bn"):  # BatchNorm on running statistics: no coupling between a batch's samples
-    for module in trainer.model.modules():
+    for module in trainer.method.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-trainer.fill_bank()
-trainer.start_epoch(0)
-record = {"start_groups": trainer.model.groups.clone(), "steps": []}
-for batch in trainer._batches(0, 0):
-    if trainer.step == spec["steps"]:
+trainer.method.on_fit_start(trainer)
+trainer.method.on_epoch_start(trainer, 0)
+record = {"start_groups": trainer.method.grouping.groups.clone(), "steps": []}
+for batch in trainer.data.batches(0, trainer.batch_size):
+    if trainer.progress.step == spec["steps"]:
         break
-    before = trainer.meter["counts"].clone()
-    loss = trainer.train_step(batch)
-    trainer.step += 1
-    trainer.step_in_epoch += 1
-    record["steps"].append({"index": batch["index"].clone(), "loss": loss, "groups": trainer.model.groups.clone(),
-                            "counts": trainer.meter["counts"] - before})
+    before = trainer.method.counts.clone()
+    loss = trainer.step(batch)
+    record["steps"].append({"index": batch["index"].clone(), "loss": loss,
+                            "groups": trainer.method.grouping.groups.clone(), "counts": trainer.method.counts - before})
 record["final"] = state(trainer)
 torch.save(record, os.path.join(out_dir, f"rank{rank}.pt"))
 '''
@@ -382,14 +371,22 @@ def test_sync_batchnorm_option_on_cpu_ranks_trains(driver, tmp_path):
         assert code == 0, f"rank {rank}: model.sync_bn_group=0 on CPU ranks failed (exit {code}):\n{text[-1500:]}"
 
 
-def test_a_training_time_budget_on_two_ranks_is_refused_before_training(driver, tmp_path):
-    """Each rank's clock would stop it at another step (a collective left waiting): Trainer.fit(budget=...)
-    refuses several processes with a ConfigError on every rank, before the bank fill."""
-    spec = {"mode": "budget", "out": str(tmp_path / "out"),
-            "overrides": [f"train.out_dir={tmp_path}", *COMMON, "train.epochs=1"]}
-    for rank, (code, _, text) in enumerate(start_ranks(driver, spec, WORLD, tmp_path / "logs").wait()):
-        assert code == 2 and "budget needs one process (this run has 2)" in text, (
-            f"rank {rank}: exit {code}, expected the ConfigError:\n{text[-1500:]}")
+def test_a_training_time_budget_on_two_ranks_takes_the_same_steps_on_every_rank(driver, tmp_path):
+    """train.minutes on 2 ranks: rank 0's clock decides every step (broadcast), so both ranks stop after the
+    same step with bit-identical groups and weights, and the run ends within seconds of its training time."""
+    minutes = 0.12
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    argv = ["train", "--config", "digits", f"train.out_dir={tmp_path}", "train.run_name=run", *COMMON,
+            f"train.minutes={minutes}"]
+    run_ranks(driver, {"mode": "cli", "out": str(out), "snapshots": True, "argv": argv}, WORLD, tmp_path / "logs")
+    steps = [max(int(p.stem.split("step")[1]) for p in out.glob(f"rank{r}-step*.pt")) for r in range(WORLD)]
+    assert steps[0] == steps[1] >= 2, steps
+    last = [load_rank(out, f"rank{r}-step{steps[r]}.pt") for r in range(WORLD)]
+    assert torch.equal(last[0]["groups"], last[1]["groups"])
+    assert all(torch.equal(last[0]["params"][k], last[1]["params"][k]) for k in last[0]["params"])  # BN buffers are per rank
+    final = [json.loads(line) for line in open(run_dir / "metrics.jsonl")][-1]
+    assert final["kind"] == "epoch" and final["step"] == steps[0]
+    assert minutes <= final["minutes"] < minutes + 5 / 60, final["minutes"]
 
 
 # ---- 2. a rank dies mid-run --------------------------------------------------------------------
@@ -426,7 +423,7 @@ def test_killed_rank_stops_its_peer_and_the_last_checkpoint_resumes(driver, refe
     for r in range(WORLD):
         loaded = load_rank(out, f"rank{r}-loaded.pt")
         assert loaded["resumed"] and loaded["step"] == last, f"rank {r} did not load the step-{last} checkpoint"
-        assert torch.equal(loaded["groups"], state["model"]["groups"]), f"rank {r} loaded other groups than the checkpoint's"
+        assert torch.equal(loaded["groups"], state["model"]["grouping.groups"]), f"rank {r} loaded other groups than the checkpoint's"
         # through the end of the interrupted epoch the resumed run is the uninterrupted one, bit for bit
         for step in range(last + EVERY, STEPS_PER_EPOCH + 1, EVERY):
             resumed, whole = load_rank(out, f"rank{r}-step{step}.pt"), load_rank(ref, f"rank{r}-step{step}.pt")
@@ -463,7 +460,7 @@ def test_resume_auto_after_a_completed_epoch_is_exact(driver, reference, tmp_pat
         loaded = load_rank(out, f"rank{r}-loaded.pt")
         assert loaded["resumed"], f"rank {r} did not find the checkpoint"
         assert (loaded["step"], loaded["epoch"], loaded["step_in_epoch"]) == (saved["step"], 1, 0), f"rank {r}"
-        assert torch.equal(loaded["groups"], saved["model"]["groups"]), f"rank {r} loaded other groups"
+        assert torch.equal(loaded["groups"], saved["model"]["grouping.groups"]), f"rank {r} loaded other groups"
     for r in range(WORLD):  # and every rank has its own memory bank back, the one the next k-means clusters
         loaded, own = load_rank(out, f"rank{r}-loaded.pt"), load_rank(ref, f"rank{r}-step{STEPS_PER_EPOCH}.pt")
         assert_equal_banks(loaded, own, f"rank {r}: after the resume its memory bank is not the one it held when "

@@ -13,7 +13,8 @@ from smog.checkpoint import CheckpointError, CheckpointWriteError
 from smog.config import Config, ConfigError, load_config
 from smog.data import DatasetNotFound
 from smog.evaluation import knn_scores
-from smog.loop import NonFiniteLoss, Trainer, build_model
+from smog.loop import NonFiniteLoss, Trainer
+from smog.method import build_model
 
 
 def parse(argv: list[str]) -> tuple[Config, str]:
@@ -32,7 +33,7 @@ def baseline_table(trainer: Trainer, final: dict) -> str:
     """kNN top-1 of SMoG features, the random-init network and raw pixels, as a text table."""
     cfg = trainer.cfg
     rows = [("SMoG features", final),
-            ("same network, random init", knn_scores(build_model(cfg).online.backbone.to(trainer.device), cfg,
+            ("same network, random init", knn_scores(build_model(cfg).encoder().to(trainer.device), cfg,
                                                      trainer.device)),
             ("raw pixels", knn_scores(None, cfg, trainer.device))]
     keys = list(final)
