@@ -18,6 +18,8 @@ loop and the method name with `smog.profile.phase` (read back by `smog.profile.p
   after step        the momentum network's EMA, memory-bank writes, group meters
   other             the rest of the step: schedules, loss readback
 total = loader + the step. On CUDA a phase's time is the device time of its kernels, elsewhere wall time.
+"total CPU" is the same span in this process's CPU time (time.process_time: what other processes' load
+inflates far less than wall time on a shared machine; loader worker processes are not in it).
 Nothing is written under train.out_dir: no bank fill, k-means, checkpoint or kNN runs (those are per-epoch
 costs, not per step); the groups stay at their random initialisation, which does not change a step's cost.
 
@@ -41,6 +43,7 @@ import torch
 from smog import profile
 
 PHASES = (*profile.PHASES, "other")
+TOTALS = ("total", "total CPU")
 QUIET_CORES = 0.25  # a step counts as quiet when other processes kept fewer cores busy than this
 
 
@@ -69,19 +72,23 @@ class Variant:
         return batch
 
     def step(self) -> dict:
-        """One profiled training step; returns {phase: seconds, "total": seconds, "others_cores": cores}."""
+        """One profiled training step; returns {phase: seconds, "total": seconds, "total CPU": seconds,
+        "others_cores": cores}."""
         torch.set_num_threads(self.threads)
         device = self.trainer.device
         busy_before, own_before, wall_before = machine_busy_s(), own_cpu_s(), time.perf_counter()
         with profile.profiler(device) as prof:
+            cpu_before = time.process_time()
             with profile.phase("loader"):
                 batch = self._next_batch()
             self.trainer.step(batch)
+            cpu = time.process_time() - cpu_before
         wall = time.perf_counter() - wall_before
         busy_after, own_after = machine_busy_s(), own_cpu_s()
         (times,) = profile.phase_times(prof, device.type == "cuda")
         times["other"] = times[profile.STEP] - sum(times[name] for name in profile.PHASES if name != "loader")
         times["total"] = times[profile.STEP] + times["loader"]
+        times["total CPU"] = cpu
         # CPU cores other processes kept busy during this step (clock-tick resolution; indicative only)
         times["others_cores"] = (None if busy_before is None or busy_after is None else
                                  max(0.0, (busy_after - busy_before) - (own_after - own_before)) / wall)
@@ -103,13 +110,13 @@ def summarise(variant: Variant) -> dict:
                "batch_size": variant.trainer.batch_size, "device": str(variant.trainer.device),
                "augment_on": variant.cfg.data.augment_on, "workers": variant.cfg.data.workers,
                "median_s": {}, "iqr_s": {}}
-    for name in (*PHASES, "total"):
+    for name in (*PHASES, *TOTALS):
         q1, q2, q3 = _quartiles([s[name] for s in steps])
         summary["median_s"][name], summary["iqr_s"][name] = q2, [q1, q3]
     summary["images_per_s"] = variant.trainer.batch_size / summary["median_s"]["total"]
     quiet = [s for s in steps if s["others_cores"] is not None and s["others_cores"] < QUIET_CORES]
     summary["quiet_steps"] = len(quiet)  # steps during which other processes used < QUIET_CORES cores
-    summary["quiet_median_s"] = ({name: statistics.median(s[name] for s in quiet) for name in (*PHASES, "total")}
+    summary["quiet_median_s"] = ({name: statistics.median(s[name] for s in quiet) for name in (*PHASES, *TOTALS)}
                                  if quiet else None)
     summary["resolved_config"] = to_dict(variant.cfg)
     summary["steps_s"] = steps
@@ -207,7 +214,7 @@ def run(config: str = "quickstart", overrides: list[str] | None = None, compare:
     first = result["variants"][0]["median_s"]
     for summary in result["variants"]:
         summary["ratio_to_first"] = {name: (summary["median_s"][name] / first[name] if first[name] > 0 else None)
-                                     for name in (*PHASES, "total")}
+                                     for name in (*PHASES, *TOTALS)}
     return result
 
 
@@ -218,7 +225,7 @@ def table(result: dict) -> str:
     if len(variants) > 1:
         head += "".join(f"{'x ' + str(i + 1) + '/1':>9}" for i in range(1, len(variants)))
     lines = [head, "-" * len(head)]
-    for name in (*PHASES, "total"):
+    for name in (*PHASES, *TOTALS):
         if name == "total":
             lines.append("-" * len(head))
         cells = []

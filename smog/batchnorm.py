@@ -49,47 +49,63 @@ def _gather(rows: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     return out
 
 
+def _cuda_statistics(xs, running_mean, running_var, momentum, eps, group):
+    """(mean, invstd, counts) of the pooled xs with torch's SyncBatchNorm kernels; moves the running statistics."""
+    rows = []
+    for x in xs:
+        mean, invstd = torch.batch_norm_stats(x, eps)
+        rows.append(torch.cat([mean, invstd, mean.new_full((1,), x.numel() // x.shape[1])]))
+    means, invstds, counts = _gather(torch.stack(rows), group).split([xs[0].shape[1]] * 2 + [1], dim=1)
+    counts = counts.reshape(-1)
+    mean, invstd = torch.batch_norm_gather_stats_with_counts(
+        xs[0], means, invstds, running_mean, running_var, momentum, eps,
+        counts if running_mean is None else counts.to(running_mean.dtype))
+    return mean, invstd, counts.to(torch.int32)
+
+
+def _cpu_statistics(xs, running_mean, running_var, momentum, group):
+    """(mean, biased variance, count) of the pooled xs with the native kernels; moves the running statistics."""
+    channels = xs[0].shape[1]
+    stat_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    # float32 buffers make the kernel accumulate and return float32 for low-precision x
+    buffers = (None, None) if xs[0].dtype == stat_dtype else (
+        torch.zeros(channels, dtype=stat_dtype), torch.ones(channels, dtype=stat_dtype))
+    means, variances = (torch.stack(s) for s in zip(*(torch.ops.aten.batch_norm_update_stats(x, *buffers, 0.0)
+                                                      for x in xs)))
+    counts = torch.tensor([x.numel() // channels for x in xs], dtype=stat_dtype)
+    if group is not None:
+        rows = _gather(torch.cat([means, variances, counts[:, None]], dim=1), group)
+        means, variances, counts = rows.split([channels, channels, 1], dim=1)
+        counts = counts.reshape(-1)
+    n = float(counts.sum())
+    share = (counts / n)[:, None]  # no matrix product: autocast would run it in low precision
+    mean = (share * means).sum(0)
+    var = (share * (variances + (means - mean).square_())).sum(0)
+    if running_mean is not None:  # a Function's forward runs without autograd
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+    return mean, var, n
+
+
 class _PooledBatchNorm(Function):
     """forward(weight, bias, running_mean, running_var, momentum, eps, group, *xs) -> the normalised xs."""
 
     @staticmethod
     def forward(ctx, weight, bias, running_mean, running_var, momentum, eps, group, *xs):
         xs = tuple(x.contiguous(memory_format=_memory_format(x)) for x in xs)
-        channels, cuda = xs[0].shape[1], xs[0].is_cuda
-        stat_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-        rows = []
-        for x in xs:  # (mean, invstd) on CUDA, (mean, biased variance) on the CPU, then the count
-            if cuda:
-                mean, second = torch.batch_norm_stats(x, eps)
-            else:  # with float32 buffers the kernel accumulates and returns float32 for low-precision x
-                scratch = torch.zeros(channels, dtype=stat_dtype), torch.ones(channels, dtype=stat_dtype)
-                mean, second = torch.ops.aten.batch_norm_update_stats(x, *scratch, 0.0)
-            rows.append(torch.cat([mean, second, mean.new_full((1,), x.numel() // channels)]))
-        rows_all = _gather(torch.stack(rows), group)
-        means, seconds, counts = rows_all.split([channels, channels, 1], dim=1)
-        counts = counts.reshape(-1)
-        if cuda:
-            mean, invstd = torch.batch_norm_gather_stats_with_counts(
-                xs[0], means, seconds, running_mean, running_var, momentum, eps,
-                counts if running_mean is None else counts.to(running_mean.dtype))
-            out = [torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps) for x in xs]
-            ctx.save_for_backward(*xs, weight, mean, invstd, counts.to(torch.int32))
-        else:
-            n = counts.sum()
-            mean = (counts[:, None] * means).sum(0) / n
-            var = (counts[:, None] * (seconds + (means - mean) ** 2)).sum(0) / n
-            if running_mean is not None:
-                with torch.no_grad():
-                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                    running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
-            out = [torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False) for x in xs]
-            ctx.save_for_backward(*xs, weight, mean, var, n)
-        ctx.eps, ctx.group, ctx.cuda = eps, group, cuda
-        return tuple(out)
+        ctx.eps, ctx.group, ctx.cuda = eps, group, xs[0].is_cuda
+        if ctx.cuda:
+            mean, invstd, counts = _cuda_statistics(xs, running_mean, running_var, momentum, eps, group)
+            ctx.save_for_backward(*xs, weight, mean, invstd, counts)
+            return tuple(torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps) for x in xs)
+        mean, var, ctx.count = _cpu_statistics(xs, running_mean, running_var, momentum, group)
+        ctx.save_for_backward(*xs, weight, mean, var)
+        return tuple(torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False) for x in xs)
 
     @staticmethod
     def backward(ctx, *grads):
-        *xs, weight, mean, second, counts = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        *xs, weight, mean, second = saved[:-1] if ctx.cuda else saved
         dys = [g.contiguous(memory_format=_memory_format(x)) for g, x in zip(grads, xs)]
         input_grad = any(ctx.needs_input_grad[7:])
         weight_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -98,31 +114,30 @@ class _PooledBatchNorm(Function):
                     for dy, x in zip(dys, xs)]
             sum_dy, sum_dy_xmu, grad_weight, grad_bias = (
                 None if sums[0][i] is None else sum(s[i] for s in sums) for i in range(4))
-            totals = torch.cat([sum_dy, sum_dy_xmu]) if input_grad else None
         else:
             # the eval-form backward with the pooled statistics gives grad_weight = sum dy xhat, grad_bias = sum dy
             sums = [torch.ops.aten.native_batch_norm_backward(dy, x, None, mean, second, None, None, False, ctx.eps,
                                                               [False, True, True]) for dy, x in zip(dys, xs)]
             grad_weight, grad_bias = sum(s[1] for s in sums), sum(s[2] for s in sums)
-            totals = torch.cat([grad_bias, grad_weight])  # sum dy, sum dy xhat
+            sum_dy, sum_dy_xmu = grad_bias, grad_weight  # sum dy, sum dy xhat
         grad_xs = [None] * len(xs)
         if input_grad:
             if ctx.group is not None:
+                totals = torch.cat([sum_dy, sum_dy_xmu])
                 dist.all_reduce(totals, group=ctx.group)
-            if ctx.cuda:
                 sum_dy, sum_dy_xmu = totals.chunk(2)
+            if ctx.cuda:
                 w = weight if weight is None or weight.dtype == mean.dtype else weight.to(mean.dtype)
-                grad_xs = [torch.batch_norm_backward_elemt(dy, x, mean, second, w, sum_dy, sum_dy_xmu, counts)
+                grad_xs = [torch.batch_norm_backward_elemt(dy, x, mean, second, w, sum_dy, sum_dy_xmu, saved[-1])
                            for dy, x in zip(dys, xs)]
             else:  # dx = a dy + u xhat + v with a = weight invstd, u = -a mean(dy xhat), v = -a mean(dy)
-                sum_dy, sum_dy_xhat = totals.chunk(2)
                 a = torch.rsqrt(second + ctx.eps)
                 if weight is not None:
                     a = a * weight
-                u, v = -a * sum_dy_xhat / counts, -a * sum_dy / counts
-                shape = [1, -1] + [1] * (xs[0].dim() - 2)
-                grad_xs = [torch.batch_norm(x, u, v, mean, second, False, 0.0, ctx.eps, False)
-                           .addcmul_(dy, a.view(shape).to(dy.dtype)) for dy, x in zip(dys, xs)]
+                u, v = a * sum_dy_xmu * (-1 / ctx.count), a * sum_dy * (-1 / ctx.count)
+                scale = a.view([1, -1] + [1] * (xs[0].dim() - 2)).to(xs[0].dtype)
+                grad_xs = [torch.batch_norm(x, u, v, mean, second, False, 0.0, ctx.eps, False).addcmul_(dy, scale)
+                           for dy, x in zip(dys, xs)]
         if weight is None:
             return (None, None, None, None, None, None, None, *grad_xs)
         grad_weight = grad_weight.to(weight.dtype) if weight_grad else None

@@ -280,8 +280,8 @@ def worlds(tmp_path_factory) -> dict[int, list[dict]]:
 
 
 def _close(a: dict, b: dict, what: str, rtol: float = 1e-10, atol: float = 1e-10) -> None:
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{what} {key}: {m}")
+    for key, expected in b.items():
+        torch.testing.assert_close(a[key], expected, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{what} {key}: {m}")
 
 
 @pytest.mark.parametrize("bn_crops", ["pooled", "per_resolution"])
