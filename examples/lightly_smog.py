@@ -7,6 +7,8 @@
 #
 #   python examples/lightly_smog.py --steps 3                     # digits, on the CPU
 #   python examples/lightly_smog.py --data fashion_mnist
+#
+# ruff: noqa: I001  (smog: the imports in lightly's order)
 
 # Note: The model and training settings do not follow the reference settings
 # from the paper. The settings are chosen such that the example can easily be
@@ -58,7 +60,7 @@ class SMoGModel(nn.Module):
         # smog: one head of 300 groups: assignment, group update and loss in one module; the gradient
         # smog: reaches the predictions only, as in the authors' code (grad_groups=True: lightly's path
         # smog: through the updated groups into the encoded rows too)
-        self.smog = Grouping(heads=1, num_groups=self.n_groups, dim=128, temperature=0.1)
+        self.smog = Grouping(heads=1, num_groups=self.n_groups, dim=128, temperature=0.1)  # smog
 
     def reset_group_features(self, memory_bank):
         # see https://arxiv.org/pdf/2207.06167.pdf Table 7b)
@@ -105,6 +107,7 @@ model = SMoGModel(backbone)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 model.to(device)
 
+# smog: the memory bank after the device, which it is made on
 # memory bank because we reset the group features every 300 iterations
 memory_bank_size = args.reset_every * batch_size  # smog: --reset-every (300)
 memory_bank = MemoryBank(size=memory_bank_size, dim=128, views=1, device=device)  # smog
@@ -166,12 +169,12 @@ for epoch in range(10):
         # smog: targets (the groups of x1_encoded under the groups before the update), the group update
         # smog: by x0_encoded, and the loss of x0_predicted against the updated groups, in one call;
         # smog: [1, N, 128] each: one target set, one set of update rows, one prediction view
-        loss = model.smog(
+        loss = model.smog(  # smog
             F.normalize(x1_encoded, dim=1)[None],  # smog
             F.normalize(x0_encoded, dim=1)[None],  # smog
             F.normalize(x0_predicted, dim=1)[None],  # smog
             beta=0.99,  # smog
-        )
+        )  # smog
 
         # use memory bank to periodically reset the group features with k-means
         memory_bank.write(index, F.normalize(x0_encoded.detach(), dim=1)[None])  # smog
