@@ -46,16 +46,14 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-DSMOG_PYTHON_MODULE"]
 cuda = want_cuda()
 extension_cls = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
 ext_sources = ["csrc/ops.cpp"] + sources("csrc/cpu/*.cpp")
-# SMOG_MUTANT=<id> plants one bug of csrc/mutants.h (tools/mutants kernels builds these in a scratch copy)
-MUTANT = [f"-DSMOG_MUTANT={int(os.environ['SMOG_MUTANT'])}"] if os.environ.get("SMOG_MUTANT") else []
-extra = {"cxx": CXX_FLAGS + MUTANT + (["-DSMOG_WITH_CUDA"] if cuda else [])}
+extra = {"cxx": CXX_FLAGS + (["-DSMOG_WITH_CUDA"] if cuda else [])}
 include_dirs = [os.path.join(HERE, "csrc")]
 if cuda:
     ext_sources += sources("csrc/cuda/*.cu")
     include_dirs += nvidia_wheel_includes()
     arch = os.environ.get("SMOG_CUDA_ARCH", "-gencode=arch=compute_80,code=sm_80 "
                           "-gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90")
-    extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + MUTANT + arch.split()
+    extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + arch.split()
 
 setup(
     name="smog",
@@ -74,10 +72,10 @@ setup(
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "torchvision", "matplotlib"],
+    install_requires=["torch>=2.6", "numpy", "pillow", "pyyaml", "tqdm", "torchvision", "matplotlib"],
     extras_require={"test": ["pytest", "scikit-learn", "tensorboard", "timm"], "triton": ["triton"],
                     "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"],
                     "bench": ["lightly>=1.6", "scikit-learn"],
-                    "examples": ["lightly>=1.6", "lightning", "scikit-learn"]},
+                    "examples": ["lightly>=1.6", "lightning"]},
     entry_points={"console_scripts": ["smog=smog.cli:main"]},
 )

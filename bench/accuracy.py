@@ -18,7 +18,6 @@ bench/results/accuracy_<config>_budget<M>.json and .png (kNN top-1 at the first 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ import torch
 
 from bench.equal_time import LIGHTLY_METHODS, train_lightly_for, train_smog_for
 from smog.benchmarks.kernels import machine as kernels_machine
-from smog.config import Config, load_config, to_dict
+from smog.config import Config, config_from_dict, load_config, to_dict
 from smog.evaluation import knn_scores, linear_score
 from smog.commands.train import run as train_smog
 from smog.loop import pick_device
@@ -231,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "knn": {}, "seconds_per_epoch": {}}
     if "smog" in sides:
-        smog_cfg = copy.deepcopy(cfg)
-        smog_cfg.train.run_name = cfg.train.run_name or f"bench_{cfg.name}"
-        smog_cfg.eval.baselines = False  # computed once below for both sides
+        smog_cfg = config_from_dict(to_dict(cfg), [f"train.run_name={cfg.train.run_name or 'bench_' + cfg.name}",
+                                                   "eval.baselines=false"])  # baselines once below, for both sides
         out = train_smog(smog_cfg, "")
         records = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
         result["knn"]["smog"] = out["final"]["knn"]

@@ -30,7 +30,7 @@ from bench.lightly_smog import LargeViews, LightlySMoG
 from smog import checkpoint
 from smog.budget import Budget, Clock
 from smog.callbacks import knn
-from smog.config import Config, MethodConfig, OptimConfig
+from smog.config import Config, MethodConfig, OptimConfig, config_from_dict, to_dict
 from smog.evaluation import knn_scores
 from smog.loop import Trainer
 from smog.method import build_model
@@ -179,9 +179,9 @@ def train_lightly_for(name: str, cfg: Config, minutes: float, every_minutes: flo
 def train_smog_for(cfg: Config, minutes: float, every_minutes: float, run_dir: str) -> dict:
     """smog's Trainer for `minutes` of training time (train.minutes, eval.knn_every_minutes); its checkpoint
     (`smog eval knn` reads it) goes to run_dir/checkpoint.pt. Returns as train_lightly_for."""
-    cfg = copy.deepcopy(cfg)
-    cfg.train.out_dir, cfg.train.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
-    cfg.train.minutes, cfg.eval.knn_every_minutes = minutes, every_minutes
+    cfg = config_from_dict(to_dict(cfg), [f"train.out_dir={os.path.dirname(run_dir)}",
+                                          f"train.run_name={os.path.basename(run_dir)}", f"train.minutes={minutes}",
+                                          f"eval.knn_every_minutes={every_minutes}"])
     trainer = Trainer(cfg)
     final = trainer.fit()
     trainer.log.close()
@@ -191,4 +191,4 @@ def train_smog_for(cfg: Config, minutes: float, every_minutes: float, run_dir: s
         final = {"minutes": trainer.clock.spent() / 60.0, "knn": knn(trainer)}
     curve.append({"minutes": final["minutes"], "step": p.step, "knn": final["knn"]})
     return {"backbone": trainer.method.encoder(), "steps": p.step, "epochs": p.step / p.steps_per_epoch,
-            "lr_progress": p.step / p.total_steps, "curve": curve, "train_seconds": trainer.clock.spent()}
+            "lr_progress": p.step / p.total_steps, "curve": curve, "train_seconds": 60.0 * curve[-1]["minutes"]}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from smog.config import Config
+from smog.config import Config, config_from_dict, to_dict
 from smog.data import batch_crops, crop_seed, device_crops, make_loader, train_set
 from smog.evaluation import knn_scores
 from smog.loop import build_model, pick_device
@@ -97,8 +97,7 @@ class LargeViews:
     one k-style large crop per image, made where smog's run makes them (data.augment_on)."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        cfg = copy.deepcopy(cfg)
-        cfg.data.small_crops = 0
+        cfg = config_from_dict(to_dict(cfg), ["data.small_crops=0"])
         self.cfg, self.device = cfg, device
         self.dataset = train_set(cfg, large=1)  # one view per set: no crops made for nothing
         self.make_crops = device_crops(cfg, large=1)

@@ -53,19 +53,17 @@ class Variant:
         self.label, self.overrides, self.cfg = label, overrides, cfg
         self.trainer = Trainer(cfg)
         self.threads = cfg.train.threads or torch.get_num_threads()
+        self.epoch = 0
         self.batches = self._epoch_batches()
         self.records: list[dict] = []
 
     def _epoch_batches(self):
-        t = self.trainer
-        return iter(t.data.batches(t.progress.epoch, t.batch_size))
+        return iter(self.trainer.data.batches(self.epoch, self.trainer.batch_size))
 
     def _next_batch(self) -> dict:
         batch = next(self.batches, None)
         if batch is None:  # a new epoch: its loader (workers start again) counts in this step's loader phase
-            t = self.trainer
-            t.progress.epoch += 1
-            t.progress.step_in_epoch = 0
+            self.epoch += 1
             self.batches = self._epoch_batches()
             batch = next(self.batches)
         return batch

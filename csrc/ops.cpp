@@ -8,17 +8,17 @@
 
 TORCH_LIBRARY(smog, m) {
   // argmax_k <x_i, c_k> with ties to the smallest k -> (index int64 [N], score float32 [N])
-  m.def("assign(Tensor x, Tensor centroids) -> (Tensor, Tensor)");
+  m.def("assign(Tensor x, Tensor groups) -> (Tensor, Tensor)");
   // per-group float32 sums [K, D] and int64 counts [K] of the rows of x
   m.def("group_stats(Tensor x, Tensor index, int num_groups) -> (Tensor, Tensor)");
   // rows with count > 0: normalize(beta * c + (1 - beta) * sum / count); others unchanged
-  m.def("momentum_update(Tensor centroids, Tensor sums, Tensor counts, float beta) -> Tensor");
+  m.def("momentum_update(Tensor groups, Tensor sums, Tensor counts, float beta) -> Tensor");
   // one streaming pass: (lse float32 [N], target logits float32 [T, N],
   //                      attention float32 [N, D] = sum_k softmax_k c_k)
-  m.def("loss_forward(Tensor p, Tensor centroids, Tensor targets, float inv_temperature)"
+  m.def("loss_forward(Tensor p, Tensor groups, Tensor targets, float inv_temperature)"
         " -> (Tensor, Tensor, Tensor)");
   // inv_temperature * sum_b row_weight[b] softmax_bk p_b -> float32 [K, D]
-  m.def("loss_centroid_grad(Tensor p, Tensor centroids, Tensor lse, Tensor row_weight,"
+  m.def("loss_group_grad(Tensor p, Tensor groups, Tensor lse, Tensor row_weight,"
         " float inv_temperature) -> Tensor");
 }
 

@@ -1,4 +1,4 @@
-"""The `smog` command: train, eval, bench, check. Each subcommand lives in its own module."""
+"""The `smog` command: train, eval, bench, check, export, show. Each subcommand lives in its own module."""
 from __future__ import annotations
 
 import importlib
@@ -7,8 +7,10 @@ import sys
 COMMANDS = {
     "train": ("smog.commands.train", "pretrain with SMoG: smog train [--config FILE] [key=value ...]"),
     "eval": ("smog.commands.eval", "evaluate a checkpoint: smog eval {knn,linear} CHECKPOINT_OR_RUN_DIR"),
-    "bench": ("smog.benchmarks", "kernel benchmarks and auto's tuning: smog bench {kernels,gpu,tune}"),
+    "bench": ("smog.benchmarks", "kernel benchmarks and auto's tuning: smog bench {kernels,tune}"),
     "check": ("smog.commands.check", "numerical parity of every op and backend against the reference"),
+    "export": ("smog.commands.export", "a checkpoint's backbone for torchvision, timm or smog: smog export RUN"),
+    "show": ("smog.commands.show", "pictures of a run: smog show groups RUN (images nearest to its groups)"),
 }
 
 

@@ -41,6 +41,7 @@ class DataConfig:
     augment_on: str = "loader"  # loader: per image in the DataLoader workers; device: whole batches on the device
     workers: int = 0
     pin_memory: bool = True
+    max_bad_fraction: float = 0.001  # image folders: stop once more than this share of the files is unreadable
 
 
 @dataclass
@@ -295,6 +296,9 @@ def validate(cfg: Config) -> None:
         if not crops or len(set(crops)) != len(crops) or not all(0 <= c < LARGE_CROPS for c in crops):
             raise ConfigError(f"{key} must list distinct large-crop indices in [0, {LARGE_CROPS - 1}] (there are "
                               f"{LARGE_CROPS} large crops per set), got {list(crops)}")
+    if not 0.0 <= cfg.data.max_bad_fraction < 1.0:
+        raise ConfigError(f"data.max_bad_fraction must lie in [0, 1) (the share of unreadable training images "
+                          f"that stops a run), got {cfg.data.max_bad_fraction!r}")
     for key in ("method.recluster_every", "eval.knn_every", "train.checkpoint_every_steps", "data.workers",
                 "train.minutes", "eval.knn_every_minutes", "train.profile"):
         if get(key) < 0:

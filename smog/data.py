@@ -4,11 +4,20 @@
 that is not where it was looked for raises DatasetNotFound saying where and how to get it.
 Augmentations are seeded per (seed, epoch, dataset index), so a sample's crops do not depend on the
 worker, the batch or an interruption: that is what makes a mid-epoch resume exact.
+
+Image folders are decoded by Pillow, every mode to RGB. A file that cannot be decoded (empty, truncated,
+not an image, over Pillow's decompression-bomb limit) never stops a loader: the next readable image of the
+set stands in for it, so a batch keeps its size and the order stays a function of the seed (the same in a
+worker and in the main process, and on resume). A training item says which image stood in ("source"
+beside "index"); SkippedImages names each such file once, counts them per epoch and stops the run past
+data.max_bad_fraction of the set.
 """
 from __future__ import annotations
 
 import gzip
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -19,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from smog.augment.on_device import BatchMultiCrop
 from smog.config import Config, ConfigError, DataConfig
 from smog.augment.per_image import MultiCrop, clean_transform
+from smog.dist import DistInfo
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 STATS = {  # (channels, native size, mean, std)
@@ -36,6 +46,22 @@ class DatasetNotFound(FileNotFoundError):
     """The dataset is not where it was looked for; the message says how to get it."""
 
 
+class UnreadableImage(OSError):
+    """An image file that cannot be decoded: `path` and `reason` (empty, truncated, not an image, a bomb)."""
+
+    def __init__(self, path: str, reason: str = ""):
+        super().__init__(f"{path}: {reason}" if reason else path)
+        self.path, self.reason = path, reason
+
+
+class UnreadableData(ConfigError):
+    """More of the training images are unreadable than data.max_bad_fraction allows."""
+
+
+class UnreadableImageWarning(UserWarning):
+    """An evaluation image was unreadable and the next readable one stood in for it."""
+
+
 class ImageSet(Dataset):
     """uint8 images (a tensor [N, C, H, W], or a loader of index -> [C, H, W]) with int labels [N].
 
@@ -49,10 +75,43 @@ class ImageSet(Dataset):
         return len(self.labels)
 
     def image(self, index: int) -> torch.Tensor:
+        """The image at `index`; UnreadableImage when its file cannot be decoded."""
         return self.images[index] if isinstance(self.images, torch.Tensor) else self.images(index)
 
+    def first_readable(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, source): the image at `index` (source = index) or, when its file is unreadable, the first
+        readable one after it (index + 1, ..., round to 0): a stand-in fixed by the set alone. UnreadableImage
+        when no image of the set decodes."""
+        index = range(len(self))[index]  # IndexError past the end (how iterating a Dataset stops)
+        for step in range(len(self)):
+            source = (index + step) % len(self)
+            try:
+                return self.image(source), source
+            except UnreadableImage:
+                continue
+        raise UnreadableImage(f"image {index}", f"no image of the {len(self)} in the set decodes")
+
+    def skipped(self, index: int, source: int) -> list[int]:
+        """The indices whose files first_readable(index) passed over to reach `source`."""
+        return [i % len(self) for i in range(index, index + (source - index) % len(self))]
+
+    def failure(self, index: int) -> UnreadableImage | None:
+        """Why the image at `index` cannot be decoded (None when it can)."""
+        try:
+            self.image(index)
+        except UnreadableImage as error:
+            return error
+        return None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.image(index), int(self.labels[index])
+        """(image, label); the image that stands in (first_readable), with its own label, for an unreadable
+        one, with an UnreadableImageWarning naming the file (shown once per file and process)."""
+        image, source = self.first_readable(index)
+        if skipped := self.skipped(range(len(self))[index], source):
+            named = "; ".join(str(self.failure(i)) for i in skipped)
+            warnings.warn(f"skipped unreadable image {named}; image {source} stands in", UnreadableImageWarning,
+                          stacklevel=2)
+        return image, int(self.labels[source])
 
     def subset(self, count: int) -> "ImageSet":
         """The first `count` items (all when count is 0 or larger than the set)."""
@@ -176,15 +235,40 @@ def _folder(root: str, train: bool) -> ImageSet:
 
 
 class _FileImages:
-    """index -> uint8 RGB image [3, H, W] decoded from its file (picklable, for worker processes)."""
+    """index -> uint8 RGB image [3, H, W] decoded from its file by Pillow (picklable, for worker processes).
+
+    Pillow's convert makes RGB of every mode (CMYK, greyscale, palette, LA and RGBA: transparency dropped,
+    the colour under it kept), but for 16-bit greyscale (modes I;16*, I), taken by its top 8 bits where
+    convert would clip it to white. A file that does not decode is an UnreadableImage saying why; Pillow's
+    decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS) stays on and a file past it is refused as one.
+    """
 
     def __init__(self, paths: list[str]):
         self.paths = paths
 
     def __call__(self, index: int) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
-        return decode_image(self.paths[index], mode=ImageReadMode.RGB)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return _rgb(image)
+        except Image.DecompressionBombError as error:
+            raise UnreadableImage(path, f"refused as a decompression bomb by Pillow's limit: {error}") from None
+        except Exception as error:  # noqa: BLE001 (whatever a broken file makes a decoder raise: the file is unreadable)
+            empty = os.path.isfile(path) and os.path.getsize(path) == 0
+            raise UnreadableImage(path, "empty file (0 bytes)" if empty else
+                                  f"{type(error).__name__}: {error}") from None
+
+
+def _rgb(image) -> torch.Tensor:
+    """A Pillow image as uint8 RGB [3, H, W] (see _FileImages)."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        return torch.from_numpy(grey.astype(np.uint8)).expand(3, -1, -1).contiguous()
+    return pil_to_tensor(image.convert("RGB"))
 
 
 def load_split(cfg: DataConfig, split: str) -> ImageSet:
@@ -222,12 +306,63 @@ class MultiCropSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
+        """source: the index of the image the item holds, index itself unless that file is unreadable
+        (ImageSet.first_readable); the crops are seeded by `index` either way."""
+        image, source = self.images.first_readable(index)
         if self.transform is None:
-            return {"image": self.images.image(index), "index": index}
+            return {"image": image, "index": index, "source": source}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + (self.epoch + 1) * 2_147_483 + index) % (2 ** 63))
-            crops = self.transform(self.images.image(index), self.large_q_only)
-        return {**crops, "index": index}
+            crops = self.transform(image, self.large_q_only)
+        return {**crops, "index": index, "source": source}
+
+
+class SkippedImages:
+    """The training set's unreadable files as the batches a process takes report them: an item whose
+    "source" is not its "index" stood in for the files from index up to source (MultiCropSet).
+
+    note(batch) names each file once on stderr, with Pillow's reason, and raises UnreadableData as soon as
+    the files this process knows pass data.max_bad_fraction of the set. end_epoch() pools every process's
+    files (a collective call when there are several), applies the same limit to them all and returns how
+    many distinct files the epoch met (the epoch record's "bad_images"). After a resume a file is named
+    again when next met.
+    """
+
+    def __init__(self, dataset: MultiCropSet, max_fraction: float, dist: DistInfo | None = None):
+        self.images, self.max_fraction, self.dist = dataset.images, max_fraction, dist
+        self.known: dict[int, str] = {}  # index -> "path: reason"
+        self.this_epoch: set[int] = set()
+
+    def note(self, batch: dict) -> None:
+        moved = batch["source"] != batch["index"]
+        for index, source in zip(batch["index"][moved].tolist(), batch["source"][moved].tolist()):
+            for bad in self.images.skipped(index, source):
+                self.this_epoch.add(bad)
+                if bad not in self.known:
+                    self.known[bad] = str(self.images.failure(bad))
+                    rank = f" (rank {self.dist.rank})" if self.dist is not None and self.dist.world > 1 else ""
+                    print(f"smog train{rank}: skipped unreadable image {self.known[bad]}; the next readable image "
+                          f"stands in for it", file=sys.stderr, flush=True)
+        self._check()
+
+    def end_epoch(self) -> int:
+        if self.dist is not None and self.dist.world > 1:
+            every: list = [None] * self.dist.world
+            torch.distributed.all_gather_object(every, (self.known, self.this_epoch))
+            for known, met in every:
+                self.known.update(known)
+                self.this_epoch |= met
+        count, self.this_epoch = len(self.this_epoch), set()
+        self._check()
+        return count
+
+    def _check(self) -> None:
+        if len(self.known) > self.max_fraction * len(self.images):
+            examples = "; ".join(list(self.known.values())[:5])
+            raise UnreadableData(
+                f"{len(self.known)} of the {len(self.images)} training images are unreadable, more than "
+                f"data.max_bad_fraction={self.max_fraction:g} of them; for example {examples}"
+                f"{'; ...' if len(self.known) > 5 else ''}. Repair or remove them, or raise data.max_bad_fraction")
 
 
 class CleanSet(Dataset):
@@ -307,14 +442,16 @@ def crop_seed(seed: int, rank: int, step: int) -> int:
 
 class TrainData:
     """One process's training input: its shard of the pretraining set per epoch (a DistributedSampler over
-    full batches, shuffled by train.seed and the epoch), loaders that resume mid-epoch, and the crops of a
-    batch on the training device (made there from raw images when data.augment_on=device)."""
+    full batches, shuffled by train.seed and the epoch), loaders that resume mid-epoch, the crops of a batch
+    on the training device (made there from raw images when data.augment_on=device), and the unreadable
+    files its batches met (`skipped`)."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device):
-        self.cfg, self.rank, self.device = cfg, rank, device
+    def __init__(self, cfg: Config, dist: DistInfo, device: torch.device):
+        self.cfg, self.rank, self.device = cfg, dist.rank, device
         self.dataset = train_set(cfg)
+        self.skipped = SkippedImages(self.dataset, cfg.data.max_bad_fraction, dist)  # unreadable files met
         self.make_crops = device_crops(cfg)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=world, rank=rank, shuffle=True,
+        self.sampler = DistributedSampler(self.dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                           seed=cfg.train.seed, drop_last=True)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
@@ -334,7 +471,9 @@ class TrainData:
                              pin=self.device.type == "cuda")
         self.dataset.large_q_only = large_q_only
         try:
-            yield from loader
+            for batch in loader:
+                self.skipped.note(batch)  # names unreadable files; stops the run past data.max_bad_fraction
+                yield batch
         finally:
             self.dataset.large_q_only = False
 

@@ -19,10 +19,11 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import torch
 import yaml
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ from smog.budget import Budget, Clock
 from smog.config import Config, ConfigError, check_processes, check_shard, to_dict
 from smog.data import TrainData
 from smog.dist import init_from_env
-from smog.method import SMoG, build_model
+from smog.method import build_model
 from smog.optim import build_optimizer
 from smog.profile import STEP, phase
 from smog.runlog import RunLog
@@ -60,6 +61,39 @@ class Progress:
     steps_per_epoch: int = 0
     total_steps: int = 0  # the schedules' length (with train.minutes re-estimated every step)
     seconds: float = 0.0  # training time at the last step, rank 0's (the same on every process)
+
+
+class Method(Protocol):
+    """What the loop needs of a method (smog.method.SMoG is one). It is an nn.Module whose state_dict is the
+    model; `online` is the network the optimiser trains (DDP-wrapped by the loop on several processes)."""
+
+    online: nn.Module
+
+    def setup(self, trainer: "Trainer") -> None: ...
+
+    def on_fit_start(self, trainer: "Trainer") -> dict | None: ...
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int) -> dict | None: ...
+
+    def training_step(self, trainer: "Trainer", batch: dict) -> torch.Tensor: ...
+
+    def after_optimizer_step(self, trainer: "Trainer") -> None: ...
+
+    def step_metrics(self, trainer: "Trainer") -> dict: ...
+
+    def progress_fields(self, trainer: "Trainer") -> dict: ...
+
+    def epoch_metrics(self) -> dict: ...
+
+    def encoder(self) -> nn.Module: ...
+
+    def method_state(self) -> dict: ...
+
+    def load_method_state(self, state: dict) -> None: ...
+
+    def rank_state(self) -> dict: ...
+
+    def load_rank_state(self, state: dict | None) -> None: ...
 
 
 class Callback:
@@ -91,14 +125,14 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = os.path.join(cfg.train.out_dir, cfg.train.run_name or cfg.name)
 
-        self.data = TrainData(cfg, self.dist.rank, self.dist.world, self.device)
+        self.data = TrainData(cfg, self.dist, self.device)
         check_shard(cfg, len(self.data), self.dist.world)
         self.batch_size = cfg.train.batch_size // self.dist.world  # per process and optimiser step
         self.sub_batch = self.batch_size // cfg.train.accumulate  # per process and forward pass
         steps = len(self.data) // self.batch_size
         self.progress = Progress(steps_per_epoch=steps, total_steps=steps * cfg.train.epochs)
 
-        self.method: SMoG = build_model(cfg).to(self.device)
+        self.method: Method = build_model(cfg).to(self.device)
         if cfg.model.sync_bn and self.dist.world > 1:
             convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm
             self.method.online, self.method.momentum = convert(self.method.online), convert(self.method.momentum)
@@ -326,7 +360,7 @@ class Trainer:
         p = self.progress
         record = {"kind": "epoch", "epoch": p.epoch, "step": p.step,
                   "loss": self.meter["loss"] / max(1, self.meter["steps"]), "seconds": seconds,
-                  **self.method.epoch_metrics()}
+                  **self.method.epoch_metrics(), "bad_images": self.data.skipped.end_epoch()}
         self.meter = {"loss": 0.0, "steps": 0}
         p.epoch += 1
         p.step_in_epoch = 0

@@ -91,10 +91,12 @@ class RunLog:
             os.remove(events)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records newer than `step` (after a resume from an earlier checkpoint)."""
-        kept = [r for r in self.records() if r.get("step", 0) <= step]
-        with open(self.path, "w") as out:
-            out.writelines(json.dumps(r) + "\n" for r in kept)
+        """Drop records newer than `step` (after a resume from an earlier checkpoint; a run directory that has no
+        log yet, resuming a checkpoint from elsewhere, is left as it is)."""
+        if os.path.isfile(self.path):
+            kept = [r for r in self.records() if r.get("step", 0) <= step]
+            with open(self.path, "w") as out:
+                out.writelines(json.dumps(r) + "\n" for r in kept)
         self.purge_step = step + 1  # TensorBoard hides the dropped steps' events too
 
     def plot(self) -> None:

@@ -21,13 +21,8 @@ e = bytes per feature element:
 `choose_strategy` ("auto") weighs the all-gather's bytes twice, since every rank also packs,
 unpacks and sums all W * N gathered rows, and takes it when 2 * (its bytes) < (the all-reduce's
 bytes): W * N * (e D + 8) < 4 K (D + 2), about W * N < K for float32 rows (the bytes alone would
-say W * N < 2 K). Measured with bench/distributed (gloo over loopback, D = 128, one thread
-per process on an idle 16-core machine, bench/results/distributed_gloo_16core*.json): K = 65536,
-N in {256, 1024}, W in {2, 3, 4}: all-gather 22-34 ms against all-reduce 61-78 ms; K = 3000: the
-all-gather is faster up to W * N = 2048 (W = 2, 4) or 1536 (W = 3) and slower from W * N = 3072
-(W = 2, 3) or 4096 (W = 4) on; the rule picks the faster strategy in 32 of the 33 cases measured,
-the miss (W = 2, N = 1024) by 0.05 ms. NCCL was not measured (one GPU). On a loaded 2-core machine
-(bench/results/distributed_gloo.json, _crossover.json) the figures are noisier. Pass strategy= to override.
+say W * N < 2 K). bench/distributed times both strategies against this rule (docs/benchmarks.md).
+Pass strategy= to override.
 
 Gradients (the grad-into-groups variant): the all-reduce's backward all-reduces (sums) the
 gradient of the global sums, and the all-gather's backward all-reduces the gradient of the
@@ -309,7 +304,7 @@ def sync_group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int,
 
 def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
                          group: dist.ProcessGroup | None) -> torch.Tensor:
-    """initial_centroids(concatenation of all ranks' x, K, rank 0's seed) [K, D] float32, on every rank.
+    """initial_groups(concatenation of all ranks' x, K, rank 0's seed) [K, D] float32, on every rank.
 
     Rank 0's seed and every rank's row count travel in one small all-gather; each rank then draws
     the same K global row numbers, fills in the rows it holds, and one all-reduce of the (otherwise
@@ -324,7 +319,7 @@ def _global_initial_rows(x: torch.Tensor, num_groups: int, seed: int,
             f"the ranks hold {total} rows in all ({sizes}), fewer than num_groups={num_groups} initial groups"
         )
     generator = torch.Generator().manual_seed(seed0)
-    rows = torch.randperm(total, generator=generator)[:num_groups]  # as initial_centroids on the union
+    rows = torch.randperm(total, generator=generator)[:num_groups]  # as initial_groups on the union
     start = sum(sizes[: _rank(group)])
     mine = (rows >= start) & (rows < start + x.shape[0])
     init = torch.zeros(num_groups, x.shape[1], dtype=torch.float32, device=x.device)

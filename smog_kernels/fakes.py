@@ -3,6 +3,8 @@ traces the ops without running them. One set, registered for each operator names
 (`smog::` of the compiled extension, `smog_triton::` of the Triton launchers)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -40,7 +42,7 @@ def loss_group_grad(p, groups, lse, row_weight, inv_temperature):
 FAKES = {f.__name__: f for f in (assign, assign_and_stats, group_stats, momentum_update, loss_forward, loss_group_grad)}
 
 
-def register(namespace: str, op_names: dict[str, str]) -> None:
-    """Register the fake of each op: op_names maps our op name to the operator's name in `namespace`."""
-    for op, operator in op_names.items():
-        torch.library.register_fake(f"{namespace}::{operator}")(FAKES[op])
+def register(namespace: str, ops: Iterable[str]) -> None:
+    """Register the fake of each op named in `ops` for the operator of that name in `namespace`."""
+    for op in ops:
+        torch.library.register_fake(f"{namespace}::{op}")(FAKES[op])

@@ -52,12 +52,11 @@ class Native:
 
     def loss_group_grad(self, p: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor, row_weight: torch.Tensor,
                         inv_temperature: float) -> torch.Tensor:
-        return torch.ops.smog.loss_centroid_grad(p, groups, lse, row_weight, inv_temperature)
+        return torch.ops.smog.loss_group_grad(p, groups, lse, row_weight, inv_temperature)
 
 
 CPU = Native("cpu")
 CUDA = Native("cuda")
 
 if _LOADED:
-    fakes.register("smog", {"assign": "assign", "group_stats": "group_stats", "momentum_update": "momentum_update",
-                            "loss_forward": "loss_forward", "loss_group_grad": "loss_centroid_grad"})
+    fakes.register("smog", ["assign", "group_stats", "momentum_update", "loss_forward", "loss_group_grad"])

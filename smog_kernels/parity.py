@@ -12,8 +12,8 @@ import smog_kernels as sk
 from smog_kernels import reference as ref
 
 # Outputs computed and stored in float32 (statistics, the loss, float32 groups) are held near float32
-# accuracy whatever the input dtype; outputs stored in a 16-bit dtype (gradients, groups or centroids
-# in the rows' dtype) to two units of that dtype's rounding (u = 2^-8 bfloat16, 2^-11 float16).
+# accuracy whatever the input dtype; outputs stored in a 16-bit dtype (gradients, groups in the
+# rows' dtype) to two units of that dtype's rounding (u = 2^-8 bfloat16, 2^-11 float16).
 FLOAT32_TOL = 1e-5
 REL_TOL = {torch.float32: FLOAT32_TOL, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}  # by output dtype
 FLOAT32_OUTPUTS = frozenset({"group_stats", "loss", "step loss", "step f32 groups loss", "step f32 groups groups",

@@ -1,12 +1,12 @@
 """Exact ties in the assignment go to the smallest index at every distance the kernels' blocking
-makes different: two copies of a centroid in the same block, in adjacent blocks (same lane or
+makes different: two copies of a group in the same block, in adjacent blocks (same lane or
 not, the later lane holding the smaller index), across a split-K boundary and far apart; and
 all scores equal. The block sizes are read from the kernel sources: the CPU panel width kNR
 (csrc/cpu/microkernels.h), the CUDA tile BN and its 16-column thread chunks
-(csrc/cuda/common.cuh, assign.cu), the Triton centroid tile (its launch configuration).
+(csrc/cuda/common.cuh, assign.cu), the Triton group tile (its launch configuration).
 
-Rows of x equal to a duplicated centroid score exactly the same against both copies (same
-values, same arithmetic), well above every other random centroid.
+Rows of x equal to a duplicated group score exactly the same against both copies (same
+values, same arithmetic), well above every other random group.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def source_constant(path: str, name: str) -> int:
     return int(match.group(1))
 
 
-CPU_PANEL = source_constant("csrc/cpu/microkernels.h", "kNR")  # centroids per running-argmax panel (lanes)
-CUDA_TILE = source_constant("csrc/cuda/common.cuh", "BN")  # centroids per streamed tile (4 chunks of 16)
+CPU_PANEL = source_constant("csrc/cpu/microkernels.h", "kNR")  # groups per running-argmax panel (lanes)
+CUDA_TILE = source_constant("csrc/cuda/common.cuh", "BN")  # groups per streamed tile (4 chunks of 16)
 
 
 def triton_tile(dtype: torch.dtype, device: str, d: int) -> int:
@@ -44,7 +44,7 @@ def triton_tile(dtype: torch.dtype, device: str, d: int) -> int:
 
 
 def tie_sets(block: int) -> list[tuple[int, ...]]:
-    """Index sets holding one centroid each (the first must win) for blocks of `block` centroids:
+    """Index sets holding one group each (the first must win) for blocks of `block` groups:
     same block, same 16-wide chunk, across the block boundary, same lane of adjacent blocks, a later
     lane with a smaller index, far blocks, and three copies in three blocks."""
     b = block
@@ -55,7 +55,7 @@ def tie_sets(block: int) -> list[tuple[int, ...]]:
 
 
 def tied_problem(block: int, dtype: torch.dtype, device: str, d: int = 24, seed: int = 0):
-    """(x [R, d], centroids [4 * block + 7, d], expected index [R]): row r equals the first centroid of
+    """(x [R, d], groups [4 * block + 7, d], expected index [R]): row r equals the first group of
     tie set r, copied at the set's other indices."""
     gen = torch.Generator().manual_seed(seed)
     sets = tie_sets(block)
@@ -70,7 +70,7 @@ def tied_problem(block: int, dtype: torch.dtype, device: str, d: int = 24, seed:
 
 
 def all_equal(device: str, n: int = 5, k: int = 70, d: int = 16, dtype: torch.dtype = torch.float32):
-    """Equal rows and equal centroids, and zero rows: every score of a row is the same."""
+    """Equal rows and equal groups, and zero rows: every score of a row is the same."""
     x = torch.cat([torch.ones(n, d), torch.zeros(2, d)]).to(device, dtype)
     return x, torch.ones(k, d, device=device, dtype=dtype)
 

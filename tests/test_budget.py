@@ -45,6 +45,31 @@ def test_total_steps_puts_each_step_at_the_share_of_the_time_spent_since_the_fir
         Budget(0.0)
 
 
+def test_a_running_clock_counts_from_zero_and_from_its_start():
+    clock = Clock()
+    assert clock.spent() == 0.0
+    clock.start()
+    time.sleep(0.05)
+    clock.start()  # starting a running clock keeps its start
+    time.sleep(0.05)
+    running = clock.spent()
+    assert 0.1 <= running < 5.0
+
+
+def test_total_steps_counts_from_the_first_scheduled_step_whatever_its_number():
+    budget = Budget(1.0)  # 60 s
+    assert budget.state_dict() == {"first": None}
+    fresh = Budget(1.0)
+    fresh.load_state_dict(budget.state_dict())  # a checkpoint taken before the first step
+    assert fresh.first is None and fresh.total_steps(100, 0.0) == 101
+    assert fresh.total_steps(110, 30.0) == 120  # a resumed run's first step 100: half the time, 10 steps since
+    half = Budget(0.5)
+    assert half.seconds == 30.0 and half.over(30.0) and not half.over(29.9)
+    late = Budget(1.0)
+    assert late.total_steps(5, 60.0) == 6  # its first step comes with the budget spent: progress 1
+    assert late.total_steps(8, 61.0) == 9
+
+
 def steps(trainer) -> list[dict]:
     return [r for r in trainer.log.records() if r["kind"] == "step"]
 
@@ -57,8 +82,13 @@ def budgeted(tmp_path, *extra: str):
 
 
 def test_a_budgeted_run_ends_on_time_with_its_schedules_at_their_end_values(tmp_path):
-    trainer = budgeted(tmp_path)
+    every = MINUTES / 4
+    trainer = budgeted(tmp_path, f"eval.knn_every_minutes={every}")
     final = trainer.fit()
+    marks = [r for r in trainer.log.records() if r["kind"] == "knn"]  # kNN along the way: once per mark passed
+    assert 1 <= len(marks) <= 3 and all(r["minutes"] < MINUTES for r in marks)
+    passed = [int(r["minutes"] // every) for r in marks]
+    assert all(p >= 1 for p in passed) and passed == sorted(set(passed))
     assert MINUTES <= final["minutes"] < MINUTES + SLACK_S / 60
     assert final["step"] == trainer.progress.step > trainer.progress.steps_per_epoch  # ran past an epoch
     records = steps(trainer)

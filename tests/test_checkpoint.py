@@ -1,24 +1,36 @@
 """Checkpoint files: atomic writes that keep the previous file, a header with the step and a content
 checksum, refusal (naming the file) of empty, truncated, foreign and corrupted files, `--resume auto`
 falling back to the previous good checkpoint, and a write the file system refuses (disk full, a file
-size limit, an out_dir under a regular file) stopping the run with the previous checkpoint intact."""
+size limit, an out_dir under a regular file) stopping the run with the previous checkpoint intact.
+
+Loading runs no code: a payload that would call a function is refused before any of it runs; every
+file smog writes loads back whole; files of format version 1 (tests/data/*_v1.pt, written by commit
+cc8dd0b: a 1-process digits run's checkpoint.pt and a 2-process run's rank0.pt, 743 KB together) load
+upgraded; another program's torch file gets one line saying what it is, in every command."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
+import pickle
+import random
 import resource
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from smog import checkpoint
 from smog.cli import main as smog_main
-from smog.config import load_config
+from smog.config import config_from_dict, load_config
 from smog.loop import Trainer
 
+DATA = Path(__file__).parent / "data"
 SMALL = ["data.train_subset=256", "train.batch_size=32", "data.small_crops=1", "eval.knn_every=0",
          "train.checkpoint_every_steps=1", "train.progress=false"]
 
@@ -40,7 +52,7 @@ def test_a_file_holds_the_step_and_the_sha256_of_its_payload(tmp_path):
     checkpoint.save({"step": 7, "epoch": 1, "world": 2, "w": torch.arange(5.0)}, str(path))
     raw = path.read_bytes()
     first, _, payload = raw.split(b"\n", 2)
-    assert first == b"SMOG-CHECKPOINT 1"
+    assert first == b"SMOG-CHECKPOINT 3"
     head = checkpoint.header(str(path))
     assert (head["step"], head["epoch"], head["world"], head["bytes"]) == (7, 1, 2, len(payload))
     assert head["sha256"] == hashlib.sha256(payload).hexdigest()  # hashlib on the bytes after the header line
@@ -199,3 +211,209 @@ def test_an_out_dir_under_a_regular_file_is_a_clear_error(tmp_path, capsys):
     message = capsys.readouterr().err
     assert code == 2 and "train.out_dir=" in message and "cannot write the run directory" in message, message
     assert "Traceback" not in message
+
+
+# ---- loading runs no code ------------------------------------------------------------------------
+
+
+class MakesFolder:
+    """Pickles as a call of os.mkdir(path): what a hostile payload does (a side effect a test can see)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def with_header(path, payload: bytes, version: int = checkpoint.VERSION) -> None:
+    """`payload` behind a valid smog header (the magic of `version`, step, size and sha256)."""
+    head = {"step": 1, "epoch": 0, "world": 1, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    path.write_bytes(f"SMOG-CHECKPOINT {version}\n".encode() + json.dumps(head).encode() + b"\n" + payload)
+
+
+def payload_of(path) -> bytes:
+    return path.read_bytes().split(b"\n", 2)[2]
+
+
+@pytest.mark.parametrize("pickling", ["torch.save", "pickle protocol 2", "pickle protocol 5"])
+@pytest.mark.parametrize("version", [1, checkpoint.VERSION])
+def test_a_payload_calling_a_function_of_os_is_refused_and_never_runs(tmp_path, capsys, pickling, version):
+    marker = tmp_path / "it-ran"
+    state = {"step": 1, "config": {}, "model": MakesFolder(str(marker))}
+    buffer = io.BytesIO()
+    if pickling == "torch.save":
+        torch.save(state, buffer)
+    else:
+        pickle.dump(state, buffer, protocol=int(pickling[-1]))
+    path = tmp_path / "checkpoint.pt"
+    with_header(path, buffer.getvalue(), version)
+    name = f"{os.mkdir.__module__}.{os.mkdir.__name__}"
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.load(str(path))
+    assert str(path) in str(error.value) and name in str(error.value)
+    assert smog_main(["eval", "knn", str(path)]) == 2
+    resume = ["train", "--config", "digits", f"train.out_dir={tmp_path}", *SMALL, "--resume", str(path)]
+    assert smog_main(resume) == 2
+    for line in capsys.readouterr().err.strip().splitlines():  # one line per command, naming file and global
+        assert str(path) in line and name in line and "Traceback" not in line
+    assert not marker.exists(), "loading the checkpoint ran the function in it"
+    live = io.BytesIO(payload_of(path))  # the payload is live: read without restriction, it runs
+    torch.load(live, weights_only=False) if pickling == "torch.save" else pickle.load(live)
+    assert marker.is_dir()
+
+
+def test_a_state_that_would_need_code_to_load_is_never_written(tmp_path):
+    path = tmp_path / "c.pt"
+    with pytest.raises(TypeError, match="numpy") as error:
+        checkpoint.save({"step": 1, "x": np.zeros(3)}, str(path))
+    assert str(path) in str(error.value) and not path.exists()
+
+
+def _same(a, b, where: str = "state") -> None:
+    """Exact equality of two loaded states: tensors bit for bit, containers by type and content."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_every_file_a_run_writes_loads_back_whole_weights_only(three_steps):
+    run = three_steps / "digits"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        assert checkpoint.header(str(run / name))["version"] == checkpoint.VERSION
+        # the reference: the same payload read without any restriction
+        _same(checkpoint.load(str(run / name)), torch.load(io.BytesIO(payload_of(run / name)), weights_only=False))
+    assert checkpoint.read(str(run))["step"] == 3  # a run directory: its checkpoint.pt
+
+
+def test_rng_states_round_trip_through_a_file_exactly(tmp_path):
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.standard_normal()  # leaves numpy a cached gaussian: part of the state
+    path = str(tmp_path / "rng.pt")
+    checkpoint.save({"step": 0, "rng": checkpoint.rng_state()}, path)
+
+    def draws():
+        return torch.rand(3), np.random.random_sample(3), np.random.standard_normal(), random.random()
+
+    expected = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    got = draws()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+
+
+# ---- format version 1 ----------------------------------------------------------------------------
+
+
+def _version_1(path: Path) -> dict:
+    """A version 1 fixture read as version 1 code read it (no restriction: these files are known)."""
+    return torch.load(io.BytesIO(payload_of(path)), weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["checkpoint_v1.pt", "rank0_v1.pt"])
+def test_a_version_1_file_loads_upgraded_with_its_rng_state_exact(name):
+    """Version 1 (the layout before the method owned its state, numpy's RNG state as an ndarray): every tensor
+    where today's layout keeps it (groups in the grouping module, bank and RNG states in the rank's own part,
+    the group counts in the method's), numpy's state exact."""
+    path = DATA / name
+    assert checkpoint.header(str(path))["version"] == 1
+    state, old = checkpoint.load(str(path)), _version_1(path)
+    numpy_name, keys, position, has_gauss, gauss = old["rng"]["numpy"]
+    assert isinstance(keys, np.ndarray) and keys.dtype == np.uint32
+    _same(state["rank"]["method"]["bank"], old["bank"])
+    if "model" in old:
+        model = dict(old["model"])
+        model["grouping.groups"] = model.pop("groups")
+        _same(state["model"], model)
+        _same(state["optimizer"], old["optimizer"])
+        _same(state["method"]["counts"], old["meter"]["counts"])
+        assert state["meter"] == {k: v for k, v in old["meter"].items() if k != "counts"}
+    rng = state["rank"]["rng"]
+    _same(rng["torch"], old["rng"]["torch"])
+    assert rng["python"] == old["rng"]["python"]
+    checkpoint.set_rng_state(rng)
+    now = np.random.get_state()
+    assert now[0] == numpy_name and np.array_equal(now[1], keys) and now[2:] == (position, has_gauss, gauss)
+
+
+def test_a_version_1_checkpoint_evaluates_and_resumes_bit_for_bit_as_the_code_that_wrote_it(tmp_path, capsys):
+    """checkpoint_v1.pt and checkpoint_v1_next.pt: a 2-epoch digits run of the code before this layout, at the
+    end of epoch 1 and of epoch 2. Resumed from epoch 1, today's code ends epoch 2 with the same weights,
+    optimiser state, groups and memory bank, bit for bit; its checkpoints are written in today's format."""
+    assert smog_main(["eval", "knn", str(DATA / "checkpoint_v1.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 1
+    old = _version_1(DATA / "checkpoint_v1.pt")
+    cfg = config_from_dict(old["config"], [f"train.out_dir={tmp_path}", "train.progress=false",
+                                           "train.tensorboard=false"])
+    trainer = Trainer(cfg)
+    assert trainer.resume(str(DATA / "checkpoint_v1.pt"))
+    assert (trainer.progress.epoch, trainer.progress.step) == (1, 8)
+    assert np.array_equal(np.random.get_state()[1], old["rng"]["numpy"][1])
+    trainer.fit()
+    assert checkpoint.header(trainer.files.main_path)["version"] == checkpoint.VERSION
+    ours, theirs = checkpoint.load(trainer.files.main_path), checkpoint.load(str(DATA / "checkpoint_v1_next.pt"))
+    assert (ours["epoch"], ours["step"]) == (theirs["epoch"], theirs["step"]) == (2, 16)
+    for key in ("model", "optimizer", "method"):
+        _same(ours[key], theirs[key])
+    _same(ours["rank"]["method"], theirs["rank"]["method"])
+    _same(ours["rank"]["rng"]["torch"], theirs["rank"]["rng"]["torch"])
+
+
+def test_a_file_of_a_newer_format_says_to_upgrade_smog(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"step": 1}, buffer)
+    with_header(tmp_path / "c.pt", buffer.getvalue(), checkpoint.VERSION + 1)
+    with pytest.raises(checkpoint.CheckpointError, match=f"format version {checkpoint.VERSION + 1}.*upgrade smog"):
+        checkpoint.load(str(tmp_path / "c.pt"))
+
+
+# ---- another program's file ----------------------------------------------------------------------
+
+
+def test_a_torchvision_state_dict_gets_one_line_in_every_command(tmp_path, capsys):
+    torchvision = pytest.importorskip("torchvision")
+    weights = torchvision.models.squeezenet1_1().state_dict()
+    path = tmp_path / "squeezenet1_1.pth"
+    torch.save(weights, path)
+    for command in (["eval", "knn", str(path)], ["eval", "linear", str(path)],
+                    ["train", "--config", "digits", f"train.out_dir={tmp_path}", *SMALL, "--resume", str(path)]):
+        assert smog_main(command) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert str(path) in lines[0] and f"a state dict of {len(weights)} tensors" in lines[0]
+        assert "smog expected a file written by smog train" in lines[0]
+
+
+def test_a_lightning_checkpoint_and_a_smog_rank_file_are_named_for_what_they_are(tmp_path):
+    lightning = pytest.importorskip("pytorch_lightning")
+
+    class Tiny(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    fit = lightning.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    fit.fit(Tiny(), data)
+    fit.save_checkpoint(tmp_path / "tiny.ckpt")
+    with pytest.raises(checkpoint.CheckpointError, match="a PyTorch Lightning checkpoint of epoch"):
+        checkpoint.read(str(tmp_path / "tiny.ckpt"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank file of a 2-process run\), not a training checkpoint"):
+        checkpoint.read(str(DATA / "rank0_v1.pt"))

@@ -2,9 +2,9 @@
 
 - the deterministic statistics path (SMOG_DETERMINISTIC=1 or torch.use_deterministic_algorithms)
   is bitwise reproducible and agrees with the atomic path;
-- the raw ops' intermediate outputs (lse, target logits, attention, centroid gradient) against a
+- the raw ops' intermediate outputs (lse, target logits, attention, group gradient) against a
   float64 computation, including D > 128 (several D slices) and ragged tiles;
-- split-K assignment (few rows, many centroids) with ties across split boundaries; large K;
+- split-K assignment (few rows, many groups) with ties across split boundaries; large K;
 - torch.compile and CUDA-graph capture of the ops (no host synchronisation inside them).
 
 Every test needs a GPU and the extension's CUDA kernels: skipped (reason shown) without a GPU, failed
@@ -124,7 +124,7 @@ def test_assign_split_k_and_large_k(dtype, n, k, d, generator):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_assign_ties_across_split_boundaries(dtype, generator):
-    """Every centroid is repeated at k + K/4, k + K/2, k + 3K/4: several splits and tiles hold copies."""
+    """Every group is repeated at k + K/4, k + K/2, k + 3K/4: several splits and tiles hold copies."""
     n, quarter, d = 5, 1000, 64
     base = unit_rows(quarter, d, dtype, "cuda", generator)
     c = torch.cat([base] * 4)
@@ -153,7 +153,7 @@ PV_TOL = {"tc": {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("path", ["tc", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k,d", [(1, 1, 3), (70, 130, 200), (257, 3001, 128), (64, 64, 384), (5, 65536, 128)])
-def test_loss_forward_and_centroid_grad_raw_outputs(path, dtype, n, k, d, generator, monkeypatch):
+def test_loss_forward_and_group_grad_raw_outputs(path, dtype, n, k, d, generator, monkeypatch):
     monkeypatch.setenv("SMOG_CUDA_LOSS", path)
     p = unit_rows(n, d, dtype, "cuda", generator, contiguous=False)
     c = unit_rows(k, d, dtype, "cuda", generator)
@@ -169,7 +169,7 @@ def test_loss_forward_and_centroid_grad_raw_outputs(path, dtype, n, k, d, genera
     assert rel(att, prob @ cd) <= PV_TOL[path][dtype]
     # small weights, as for a mean over T N rows: they must not underflow in float16
     w = torch.rand(n, generator=generator, dtype=torch.float64) / (2 * 4096)
-    g = torch.ops.smog.loss_centroid_grad(p, c, lse, w.float().cuda(), inv_t)
+    g = torch.ops.smog.loss_group_grad(p, c, lse, w.float().cuda(), inv_t)
     assert g.dtype == torch.float32 and g.shape == (k, d)
     assert rel(g, inv_t * (prob * w[:, None]).T @ pd) <= PV_TOL[path][dtype]
 

@@ -315,8 +315,8 @@ def test_kmeans_matches_one_process_on_the_union(runs) -> None:
                            ("given", sk.spherical_kmeans(union, KMEANS_K, KMEANS_ITERS, init=init))):
         expected = on("cpu", *expected)
         per_rank = [res["kmeans"][name] for res in results]
-        assert_same_on_all_ranks([(c,) for c, _ in per_rank], f"k-means ({name} init) centroids")
-        assert (per_rank[0][0] - expected[0]).abs().max() <= 1e-6, f"k-means ({name} init) centroids"
+        assert_same_on_all_ranks([(c,) for c, _ in per_rank], f"k-means ({name} init) groups")
+        assert (per_rank[0][0] - expected[0]).abs().max() <= 1e-6, f"k-means ({name} init) groups"
         assert torch.equal(torch.cat([i for _, i in per_rank]), expected[1]), f"k-means ({name} init) assignment"
 
 

@@ -14,7 +14,7 @@
 5. A world-size change (2 -> 1 process): the checkpoint is resumed with the memory bank refilled by the
    fill pass, and said so; with another number of steps per epoch it is refused with a message.
 
-The uninterrupted reference is one 2-process torchrun launch shared by 2-5 (bench.faults holds
+The uninterrupted reference is one 2-process torchrun launch shared by 2-5 (tools.faults holds
 the launch and kill helpers that bench/faults uses). About 2-3 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from smog import checkpoint
-from bench.faults import differences, environment, final_state, free_port, run_with_kills, torchrun
+from tools.faults import differences, environment, final_state, free_port, run_with_kills, torchrun
 
 WORLD = 2
 TIMEOUT_S = 240

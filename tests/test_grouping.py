@@ -16,6 +16,7 @@ sub-batches of an accumulation cycle), against grouping_step, the reference and 
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -23,7 +24,6 @@ import torch.nn.functional as F
 
 import smog_kernels as sk
 from smog_kernels import reference as ref
-from smog_kernels.distributed import GroupStatsSync
 from tests.conftest import unit_rows
 from tests.test_distributed import launch, seed_for
 
@@ -220,6 +220,115 @@ def test_recluster_is_spherical_kmeans_per_head_with_seed_plus_head(generator):
         assert torch.equal(grouping.groups[h], groups) and torch.equal(index[h], members)
 
 
+def test_recluster_without_sync_is_the_local_spherical_kmeans(generator):
+    grouping = module(2, generator, sync=False, backend="reference")
+    views = [rows(generator, 30, D)]
+    index = grouping.recluster(views, iters=2, seed=4)
+    for h in range(2):
+        groups, members = sk.spherical_kmeans(views[0], K, iters=2, seed=4 + h, backend="reference")
+        assert torch.equal(grouping.groups[h], groups) and torch.equal(index[h], members)
+    with pytest.raises(ValueError, match="rows must hold at least one"):
+        grouping.recluster([])
+
+
+def test_a_new_module_holds_unit_random_groups_and_no_result():
+    grouping = sk.Grouping(3, K, D)
+    assert grouping.groups.shape == (3, K, D) and grouping.groups.dtype == torch.float32
+    torch.testing.assert_close(grouping.groups.norm(dim=2), torch.ones(3, K))
+    assert (grouping.heads, grouping.num_groups) == (3, K) and grouping.result is None
+    assert (grouping.temperature, grouping.grad_groups, grouping.backend, grouping.sync) == (0.1, False, "auto", True)
+    assert list(grouping.state_dict()) == ["groups"]
+
+
+def test_one_set_of_update_rows_moves_every_head(generator):
+    grouping = module(2, generator, backend="reference")
+    groups = grouping.groups.clone()
+    t, u, p = step_inputs(generator)
+    grouping(t, u[:1], p, BETA)
+    for h in range(2):
+        step = sk.grouping_step(groups[h], t, u[0], p, BETA, TAU, backend="reference")
+        assert torch.equal(grouping.groups[h], step.groups)
+
+
+def test_the_reducer_is_built_once_for_several_processes_unless_sync_is_off(monkeypatch):
+    from smog_kernels import distributed
+
+    grouping = sk.Grouping(2, K, D)
+    assert grouping.reducer() is None  # one process
+    worlds = []
+
+    def world_size(group=None):
+        worlds.append(group)
+        return 2
+
+    monkeypatch.setattr(distributed, "world_size", world_size)
+    group = object()  # stands for a process group: only passed on
+    synced = sk.Grouping(2, K, D, process_group=group)
+    reducer = synced.reducer()
+    assert isinstance(reducer, distributed.GroupStatsSync) and reducer.group is group
+    assert synced.reducer() is reducer and worlds == [group, group]
+    assert sk.Grouping(2, K, D, sync=False, process_group=group).reducer() is None
+
+
+def test_every_heads_cycle_reduces_by_the_modules_reducer(generator):
+    """The reducer of several processes reaches each head's cycle: one standing for a second process
+    that saw the same rows doubles the counts and leaves G' (the members' mean) as one process has it."""
+    grouping = module(2, generator, backend="reference")
+    groups = grouping.groups.clone()
+    grouping.reducer = lambda: lambda sums, counts: (2 * sums, 2 * counts)
+    t, u, p = step_inputs(generator)
+    grouping(t, u, p, BETA)
+    for h in range(2):
+        alone = sk.grouping_step(groups[h], t, u[h], p, BETA, TAU, backend="reference")
+        assert torch.equal(grouping.result.counts[h], 2 * alone.counts)
+        torch.testing.assert_close(grouping.groups[h], alone.groups, rtol=0, atol=1e-6)
+
+
+class Replayed:
+    """Stands in for GraphedGroupingStep (CUDA graphs, GPU only): the eager step of one head."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, temperature, backend="auto"):
+        self.temperature, self.backend = temperature, backend
+        Replayed.made.append(self)
+
+    def __call__(self, groups, target_rows, update_rows, predictions, beta):
+        return sk.grouping_step(groups, target_rows, update_rows, predictions, beta, self.temperature,
+                                backend=self.backend)
+
+
+def test_the_graphed_path_replays_each_heads_step(monkeypatch, generator):
+    from smog_kernels import distributed
+    from smog_kernels import grouping as grouping_module
+
+    Replayed.made = []
+    monkeypatch.setattr(grouping_module, "GraphedGroupingStep", Replayed)
+    graphed = module(3, generator, backend="reference", cuda_graphs=True)
+    assert [(r.temperature, r.backend) for r in Replayed.made] == [(TAU, "reference")] * 3
+    eager = module(3, generator, backend="reference")
+    eager.groups.copy_(graphed.groups)
+    for _ in range(2):
+        t, u, p = step_inputs(generator)
+        p_graphed, p_eager = p.clone().requires_grad_(), p.clone().requires_grad_()
+        loss, want = graphed(t, u, p_graphed, BETA), eager(t, u, p_eager, BETA)
+        assert torch.equal(loss, want)
+        loss.backward()
+        want.backward()
+        assert torch.equal(p_graphed.grad, p_eager.grad)
+        for got, expected in zip(graphed.result, eager.result):
+            assert torch.equal(got, expected)
+        assert torch.equal(graphed.groups, eager.groups)
+    t, u, p = step_inputs(generator)
+    with pytest.raises(ValueError, match=r"no accumulation \(last=False\) and no cross-process reduction"):
+        graphed(t, u, p, BETA, last=False)
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match=r"^cuda_graphs=True runs whole steps on one process: no accumulation "
+                                         r"\(last=False\) and no cross-process reduction \(sync=False or one "
+                                         r"process\)$"):
+        graphed(t, u, p, BETA)
+
+
 # ---- 4. errors and torch.compile -------------------------------------------------------------------
 
 
@@ -236,6 +345,18 @@ def test_bad_arguments_are_named(generator):
         grouping(t, u, p, 1.5)
     with pytest.raises(ValueError, match="num_groups must be >= 1"):
         sk.Grouping(2, 0, D)
+    with pytest.raises(ValueError, match="heads must be >= 1"):
+        sk.Grouping(0, K, D)
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        sk.Grouping(2, K, 0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sk.Grouping(2, K, D, 0.0)
+    with pytest.raises(ValueError, match=r"cuda_graphs=True replays the step without a gradient into the groups: "
+                                         r"set grad_groups=False"):
+        sk.Grouping(2, K, D, cuda_graphs=True, grad_groups=True)
+    with pytest.raises(ValueError, match=r"update_rows must hold at least one set of rows \[U >= 1, M, D\], "
+                                         r"got shape \(0, 12, 8\)"):
+        grouping(t, u[:0], p, BETA)
 
 
 def test_torch_compile_traces_a_step_with_the_module_without_a_graph_break(generator):

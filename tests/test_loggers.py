@@ -93,13 +93,12 @@ def test_wandb_is_opt_in_and_gets_every_record(tmp_path, monkeypatch):
     assert fake.inits[0]["config"]["train"]["wandb"] is True
     expected = []
     for r in records(trainer):  # by hand: every number of the record under "kind/name"
-        row = {f"{r['kind']}/{k}": v for k, v in r.items() if isinstance(v, float)}
+        row = {f"{r['kind']}/{k}": float(v) for k, v in r.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         for key in ("knn", "nonempty", "entropy", "in_use", "largest_share"):
             values = r.get(key, {})
             items = values.items() if isinstance(values, dict) else enumerate(values)
             row.update({f"{r['kind']}/{key}/{k}": float(v) for k, v in items})
-        if "epoch" in r:
-            row[f"{r['kind']}/epoch"] = float(r["epoch"])
         expected.append((r["step"], row))
     assert fake.rows == expected and fake.finished == 1
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from smog.config import load_config
+from smog.health import group_health
 from smog.schedules import ema_rate, group_momentum
 from smog_kernels import reference, step as step_module
 from tests.training import first_batch, make_trainer, ready
@@ -198,3 +200,90 @@ def test_step_runs_on_the_configured_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(step_module, "resolve", spy)
     trainer.method.training_step(trainer, first_batch(trainer))
     assert seen == ["reference"] * trainer.cfg.method.heads
+
+
+def test_a_steps_counts_reach_the_meters_the_records_and_the_collapse_watch(tmp_path, monkeypatch):
+    trainer = ready(make_trainer(tmp_path))
+    method, cfg, p = trainer.method, trainer.cfg, trainer.progress
+    watched = []
+    monkeypatch.setattr(method.watch, "update", lambda *args: watched.append(args))
+    counts = []
+    for _ in range(2):
+        trainer.step(first_batch(trainer))
+        counts.append(method.grouping.result.counts.clone())
+    assert torch.equal(method.counts, counts[0] + counts[1])  # the epoch's meter adds up every step's
+    fillable = min(cfg.method.groups, cfg.train.batch_size)  # 10 groups, 64 rows a step
+    assert watched == [(group_health(c)["in_use"], fillable, trainer.say) for c in counts]
+    assert method.step_metrics(trainer) == {"beta": group_momentum(cfg.method, 1, p.total_steps),
+                                            **group_health(counts[1])}  # the step just taken: step 1
+    assert group_momentum(cfg.method, 1, p.total_steps) != group_momentum(cfg.method, 2, p.total_steps)
+
+    method.counts.zero_()
+    method.counts[0, :2] = 1  # head 0: two groups of one member
+    method.counts[1] = 5  # head 1: every group equally full; head 2: no members
+    beta = group_momentum(cfg.method, p.step, p.total_steps)
+    assert method.progress_fields(trainer) == {"beta": f"{beta:.4f}", "groups": 2}
+    state = method.method_state()
+    method.counts[2, 0] = 7
+    assert torch.equal(state["counts"][2], torch.zeros(cfg.method.groups, dtype=torch.int64))  # a copy
+    method.load_method_state(state)
+    assert int(method.counts[2, 0]) == 0
+    metrics = method.epoch_metrics()
+    assert metrics["nonempty"] == [2, 10, 0]
+    assert [round(e, 12) for e in metrics["entropy"]] == [round(math.log(2) / math.log(10), 12), 1.0, 0.0]
+    assert set(metrics) == {"nonempty", "entropy"} and not method.counts.any()  # the meters start again
+
+
+def test_the_bank_is_this_processes_state_and_a_missing_one_is_filled_again(tmp_path):
+    trainer = ready(make_trainer(tmp_path))
+    bank = trainer.method.bank
+    steps, cfg = trainer.progress.steps_per_epoch, trainer.cfg
+    assert bank.bank.shape == (len(cfg.method.update_crops), steps * trainer.batch_size, cfg.model.dim)
+    assert trainer.method.bank_ready and trainer.method.on_fit_start(trainer) is None  # filled once
+    other = make_trainer(tmp_path / "other")
+    other.method.load_rank_state(trainer.method.rank_state())
+    assert other.method.bank_ready
+    assert torch.equal(other.method.bank.bank, bank.bank) and torch.equal(other.method.bank.index, bank.index)
+    other.method.load_rank_state(None)
+    assert not other.method.bank_ready
+    other.progress.step = other.progress.step_in_epoch = 1  # resumed after the epoch's first step
+    record = other.method.on_fit_start(other)
+    assert record["kind"] == "bank_fill" and record["step"] == 1 and record["seconds"] > 0
+    assert other.method.bank_ready and other.method.bank.count == bank.size
+    assert other.method.bank.position == other.batch_size  # where the epoch's next step writes
+
+
+@pytest.mark.parametrize("overrides, reclustered, reset", [
+    ((), [0, 1, 2], True),
+    (("method.recluster_every=2", "method.reset_momentum_each_epoch=false"), [0, 2], False),
+    (("method.recluster_every=0",), [], True),
+])
+def test_each_epoch_resets_the_momentum_network_and_reclusters_every_head_from_the_bank(tmp_path, overrides,
+                                                                                         reclustered, reset):
+    import smog_kernels as sk
+
+    trainer = make_trainer(tmp_path, *overrides)
+    method, m = trainer.method, trainer.cfg.method
+    method.on_fit_start(trainer)
+    for epoch in range(3):
+        groups = method.grouping.groups.clone()
+        with torch.no_grad():
+            for param in method.momentum.parameters():
+                param.add_(1.0)
+        trainer.progress.step = 5 * epoch
+        record = method.on_epoch_start(trainer, epoch)
+        online = dict(method.online.named_parameters())
+        for name, param in method.momentum.named_parameters():
+            assert torch.equal(param, online[name]) == reset, name
+        if epoch not in reclustered:
+            assert record is None and torch.equal(method.grouping.groups, groups)
+            continue
+        counts = []
+        for h in range(m.heads):
+            rows = method.bank.rows(h % method.bank.views)
+            want, index = sk.spherical_kmeans(rows, m.groups, m.kmeans_iters,
+                                              seed=trainer.cfg.train.seed * 7919 + epoch * m.heads + h)
+            assert torch.equal(method.grouping.groups[h], want), (epoch, h)
+            counts.append(torch.bincount(index, minlength=m.groups))
+        assert record == {"kind": "recluster", "epoch": epoch, "step": 5 * epoch,
+                          **group_health(torch.stack(counts))}

@@ -11,7 +11,7 @@ import sys
 from setuptools import find_packages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-USER_BENCHMARKS = {"__init__.py", "gpu.py", "kernels.py", "tune.py"}
+USER_BENCHMARKS = {"__init__.py", "kernels.py", "tune.py"}  # what `smog bench` runs; the GPU harness is bench/gpu.py
 
 
 def _setup_packages() -> list[str]:
@@ -30,7 +30,9 @@ def test_the_wheel_ships_the_library_and_only_the_user_facing_benchmarks():
     assert not {p for p in packages if p.split(".")[0] not in ("smog", "smog_kernels")}, packages
     modules = {n for n in os.listdir(os.path.join(ROOT, "smog", "benchmarks")) if n.endswith(".py")}
     assert modules == USER_BENCHMARKS
-    assert not os.path.exists(os.path.join(ROOT, "smog_kernels", "triton", "aot_check.py"))
+    shipped = [os.path.relpath(os.path.join(folder, name), ROOT) for package in packages
+               for folder in [os.path.join(ROOT, *package.split("."))] for name in os.listdir(folder)]
+    assert not [path for path in shipped if os.path.basename(path) in ("gpu.py", "aot_check.py")], shipped
 
 
 def test_importing_the_packages_loads_no_benchmark_lightly_or_tool_code():
@@ -44,3 +46,16 @@ def test_importing_the_packages_loads_no_benchmark_lightly_or_tool_code():
                 or m.startswith("smog.benchmarks") or "aot_check" in m]
     assert not unwanted, unwanted
     assert "smog_kernels.registry" in loaded  # (the check itself sees the modules)
+
+
+def test_the_product_holds_no_mutation_switch():
+    """Mutation testing patches a scratch copy (tools/kernel_mutants.py, tools/python_mutants.py): no switch
+    in the kernels or the build, and no mutmut configuration at the root."""
+    sources = [os.path.join(ROOT, "setup.py")] + [os.path.join(folder, name) for folder, _, names in
+                                                  os.walk(os.path.join(ROOT, "csrc")) for name in names]
+    switched = []
+    for path in sources:
+        with open(path) as f:
+            switched += [path] if "SMOG_MUTANT" in f.read() else []
+    assert not switched, switched
+    assert not os.path.exists(os.path.join(ROOT, "setup.cfg"))

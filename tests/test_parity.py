@@ -17,7 +17,7 @@ import torch
 
 import smog_kernels as sk
 from smog_kernels import reference as ref
-from smog_kernels.kmeans import initial_centroids
+from smog_kernels.kmeans import initial_groups
 from smog_kernels.parity import FLOAT32_TOL, REL_TOL, SCORE_TOL, rel_err, tolerance
 from tests.conftest import fused_backends, require, unit_rows
 
@@ -61,13 +61,13 @@ def test_assign_matches_reference(backend, device, size, dtype, contiguous, gene
 @pytest.mark.parametrize("backend,device,size", fused_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_assign_ties_go_to_smallest_index(backend, device, size, dtype, generator):
-    """Every centroid appears twice (rows j and j + K/2): a later copy must never win."""
+    """Every group appears twice (rows j and j + K/2): a later copy must never win."""
     require(backend)
     for n, k, d in shapes(size):
         half = unit_rows(max(k // 2, 1), d, dtype, device, generator)
         c = torch.cat([half, half])
         x = unit_rows(n, d, dtype, device, generator)
-        x[: min(n, half.shape[0])] = half[: min(n, half.shape[0])]  # rows equal to a centroid too
+        x[: min(n, half.shape[0])] = half[: min(n, half.shape[0])]  # rows equal to a group too
         index, _ = sk.assign(x, c, backend=backend)
         assert int(index.max()) < half.shape[0], "a tie went to a larger index"
 
@@ -172,7 +172,7 @@ def test_kmeans_matches_reference_from_same_init(backend, device, size, dtype, g
     got_c, got_i = sk.spherical_kmeans(x, k, iters=5, init=init, backend=backend)
     want_c, want_i = ref.spherical_kmeans(x, k, iters=5, init=init)
     assert got_c.dtype == dtype and got_i.shape == (n,)
-    # assignments may differ on near-ties, which moves a centroid slightly: compare as a whole
+    # assignments may differ on near-ties, which moves a group slightly: compare as a whole
     assert (got_i == want_i).float().mean() >= 0.98
     assert rel_err(got_c, want_c) <= tolerance("spherical_kmeans", dtype)
 
@@ -184,22 +184,22 @@ def test_kmeans_objective_never_decreases(backend, device, size, generator):
         require(backend)
     n, k, d = (2000, 40, 32) if size == "full" else (90, 6, 8)
     x = unit_rows(n, d, torch.float32, device, generator)
-    centroids, _ = sk.spherical_kmeans(x, k, iters=1, seed=3, backend=backend)
+    groups, _ = sk.spherical_kmeans(x, k, iters=1, seed=3, backend=backend)
     objectives = []
     for _ in range(6):
-        _, score = ref.assign(x, centroids)
+        _, score = ref.assign(x, groups)
         objectives.append(float(score.double().sum()))
-        centroids, _ = sk.spherical_kmeans(x, k, iters=1, init=centroids, backend=backend)
+        groups, _ = sk.spherical_kmeans(x, k, iters=1, init=groups, backend=backend)
     assert all(b >= a - 1e-4 * abs(a) for a, b in zip(objectives, objectives[1:])), objectives
     assert objectives[-1] > objectives[0], "k-means made no progress"
 
 
 def test_kmeans_seeded_init_is_k_distinct_rows(generator):
     x = unit_rows(50, 8, torch.float32, "cpu", generator)
-    init = initial_centroids(x, 7, seed=11)
-    assert torch.equal(init, initial_centroids(x, 7, seed=11))
+    init = initial_groups(x, 7, seed=11)
+    assert torch.equal(init, initial_groups(x, 7, seed=11))
     assert torch.unique(init, dim=0).shape[0] == 7
-    assert all(bool((x == row).all(dim=1).any()) for row in init), "an initial centroid is not a row of x"
+    assert all(bool((x == row).all(dim=1).any()) for row in init), "an initial group is not a row of x"
 
 
 # (rows, groups): one dtype, and 16-bit rows with a float32 master copy of the groups (mixed precision)

@@ -108,7 +108,7 @@ def test_grouping_step_follows_the_spec_order(generator):
 
 def test_momentum_update_by_hand():
     """beta = 0.5, c = e0: one member e1 -> (e0 + e1) / sqrt 2; two members e1 -> the same (the mean);
-    no member -> e0 unchanged. 16-bit centroids come back in their dtype."""
+    no member -> e0 unchanged. 16-bit groups come back in their dtype."""
     c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     sums = torch.tensor([[0.0, 1.0], [0.0, 2.0], [0.0, 0.0]])
     counts = torch.tensor([1, 2, 0])
@@ -119,7 +119,7 @@ def test_momentum_update_by_hand():
     assert out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
 
 
-def test_loss_keeps_the_centroids_out_of_the_graph_by_default(generator):
+def test_loss_keeps_the_groups_out_of_the_graph_by_default(generator):
     p = unit_rows(5, 4, torch.float32, "cpu", generator).requires_grad_()
     c = unit_rows(3, 4, torch.float32, "cpu", generator).requires_grad_()
     ref.group_contrastive_loss(p, c, torch.tensor([0, 1, 2, 0, 1]), 0.5).backward()
@@ -128,18 +128,18 @@ def test_loss_keeps_the_centroids_out_of_the_graph_by_default(generator):
 
 def test_reference_kmeans_defaults_are_ten_rounds_from_seed_zero(generator):
     """spherical_kmeans(x, k): 10 Lloyd rounds from the K rows drawn with seed 0, written out here."""
-    from smog_kernels.kmeans import initial_centroids
+    from smog_kernels.kmeans import initial_groups
 
     x = unit_rows(60, 5, torch.float32, "cpu", generator)
-    c = initial_centroids(x, 4, 0)
+    c = initial_groups(x, 4, 0)
     for _ in range(10):
         index = (x.double() @ c.double().T).argmax(1)
         for g in range(4):
             if (index == g).any():
                 c[g] = torch.nn.functional.normalize(x[index == g].double().mean(0), dim=0).float()
-    centroids, members = ref.spherical_kmeans(x, 4)
-    torch.testing.assert_close(centroids, c, rtol=0, atol=1e-6)
-    assert torch.equal(members, (x.double() @ centroids.double().T).argmax(1))
+    groups, members = ref.spherical_kmeans(x, 4)
+    torch.testing.assert_close(groups, c, rtol=0, atol=1e-6)
+    assert torch.equal(members, (x.double() @ groups.double().T).argmax(1))
 
 
 def test_reference_kmeans_starts_from_init(generator):
@@ -151,8 +151,8 @@ def test_reference_kmeans_starts_from_init(generator):
     for g in range(3):
         if (index == g).any():
             want[g] = torch.nn.functional.normalize(x[index == g].double().mean(0), dim=0).float()
-    centroids, _ = ref.spherical_kmeans(x, 3, iters=1, init=init)
-    torch.testing.assert_close(centroids, want, rtol=0, atol=1e-6)
+    groups, _ = ref.spherical_kmeans(x, 3, iters=1, init=init)
+    torch.testing.assert_close(groups, want, rtol=0, atol=1e-6)
 
 
 def test_reference_backend_runs_anywhere():

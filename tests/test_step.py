@@ -7,6 +7,7 @@ import torch
 
 import smog_kernels as sk
 from smog_kernels import reference as ref
+from smog_kernels.backend import ASSIGN_AND_STATS
 from smog_kernels.distributed import GroupStatsSync
 from tests.conftest import unit_rows
 
@@ -89,7 +90,8 @@ def test_grad_groups_lets_the_gradient_reach_the_update_rows(generator):
     for grad_groups in (False, True):
         z = update_rows.clone().requires_grad_()
         p = predictions.clone().requires_grad_()
-        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, grad_groups=grad_groups)
+        flag = {"grad_groups": True} if grad_groups else {}  # off by default
+        step = sk.grouping_step(g, target_rows, z, p, BETA, TAU, **flag)
         step.loss.backward()
         grads.append(z.grad)
         assert step.groups.requires_grad == grad_groups  # G' carries the graph to the update rows iff grad_groups
@@ -137,3 +139,66 @@ def test_a_gathering_reducer_uses_the_steps_backend(monkeypatch, generator):
     sk.grouping_step(g, target_rows, update_rows, predictions, BETA, TAU, reduce_stats=GroupStatsSync(),
                      backend="reference")
     assert asked == ["reference"]
+
+
+class Recording:
+    """A backend that runs `inner`'s ops and records their names. fused: it declares ASSIGN_AND_STATS, its
+    assign_and_stats being inner's assign of every row and group_stats of the rows x[stats_from:]."""
+
+    def __init__(self, inner, fused: bool):
+        self.inner, self.name, self.calls = inner, inner.name, []
+        self.capabilities = inner.capabilities | {ASSIGN_AND_STATS} if fused else inner.capabilities
+
+    def __getattr__(self, op):
+        def recorded(*args, **kwargs):
+            self.calls.append(op)
+            return getattr(self.inner, op)(*args, **kwargs)
+        return recorded
+
+    def assign_and_stats(self, x, groups, stats_from):
+        self.calls.append("assign_and_stats")
+        index, score = self.inner.assign(x, groups)
+        return (index, score, *self.inner.group_stats(x[stats_from:], index[stats_from:], groups.shape[0]))
+
+
+@pytest.mark.parametrize("name, fused, grad_groups, first", [
+    ("cpu", False, False, ["assign", "group_stats", "momentum_update"]),  # every op on the step's backend
+    ("reference", True, False, ["assign_and_stats", "momentum_update"]),  # the statistics from the first pass
+    ("cpu", True, True, ["assign"]),  # grad_groups: statistics and update on the reference (autograd)
+])
+def test_each_phase_runs_on_the_steps_backend(monkeypatch, generator, name, fused, grad_groups, first):
+    from smog_kernels import registry
+    from smog_kernels import step as step_module
+
+    backend = Recording(registry.get(name), fused)
+    monkeypatch.setattr(step_module, "resolve", lambda *args: backend)
+    g, target_rows, update_rows, predictions = inputs(generator)
+    z = update_rows.clone().requires_grad_(grad_groups)
+    step = sk.grouping_step(g, target_rows, z, predictions, BETA, TAU, grad_groups=grad_groups)
+    assert_step(step, reference_step(g, target_rows, update_rows, predictions))
+    loss_ops = backend.calls[len(first):]
+    assert backend.calls[:len(first)] == first and loss_ops and set(loss_ops) <= LOSS_OPS, backend.calls
+
+
+LOSS_OPS = {"loss_forward", "group_contrastive_loss"}
+
+
+def test_a_completed_cycle_and_an_accumulating_grad_groups_cycle_say_what_to_do(generator):
+    g, target_rows, update_rows, predictions = inputs(generator)
+    cycle = sk.GroupingCycle(g, TAU)
+    cycle.step(target_rows, update_rows, predictions, BETA)
+    with pytest.raises(RuntimeError, match=r"^this GroupingCycle has completed \(its last sub-batch ran\): "
+                                           r"start a new cycle$"):
+        cycle.step(target_rows, update_rows, predictions, BETA)
+    with pytest.raises(ValueError, match=r"^grad_groups=True cannot accumulate sub-batches: the gradient through "
+                                         r"G' would have to reach the earlier sub-batches' rows \(run each step "
+                                         r"as one sub-batch\)$"):
+        sk.GroupingCycle(g, TAU, grad_groups=True).step(target_rows, update_rows, predictions, BETA, last=False)
+
+
+def test_the_counts_of_rows_kept_for_a_gathering_reducer_live_on_the_index_device():
+    from smog_kernels.step import _counts
+
+    index = torch.tensor([2, 0, 2], device="meta")
+    counts = _counts([(None, index), (None, index[:1])], 4)
+    assert counts.device.type == "meta" and counts.shape == (4,) and counts.dtype == torch.int64

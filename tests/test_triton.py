@@ -32,13 +32,13 @@ else:
 
 
 def tile_n(device: str) -> int:
-    """The centroid tile of the assignment/loss kernels on this device (float32 is the smallest)."""
+    """The group tile of the assignment/loss kernels on this device (float32 is the smallest)."""
     return 16 if device == "cpu" else 64
 
 
 def sizes(device: str, even_k: bool = False) -> tuple[int, int, int]:
-    """(N, K, D): K spans ~5 centroid tiles and ends mid-tile (or, even_k, is a multiple of every
-    centroid tile: the unmasked path); D is not a power of two."""
+    """(N, K, D): K spans ~5 group tiles and ends mid-tile (or, even_k, is a multiple of every
+    group tile: the unmasked path); D is not a power of two."""
     bn = tile_n(device)
     k = 8 * bn if even_k else 5 * bn + 3
     return (37, k, 24) if device == "cpu" else (1000, k, 120)
@@ -66,7 +66,7 @@ def f64_loss_parts(p, c, targets, inv_t):
 @pytest.mark.parametrize("splits", [1, 2, 3, 6], ids=lambda s: f"split{s}")
 @pytest.mark.parametrize("even_k", [False, True], ids=["K-ragged", "K-even"])
 def test_assign_split_k_merge_keeps_smallest_tied_index(device, dtype, splits, even_k, split, generator):
-    """Each centroid appears twice, the copies far apart (different splits): the merge must keep
+    """Each group appears twice, the copies far apart (different splits): the merge must keep
     the first copy, and the scores must match the reference."""
     split(splits)
     n, k, d = sizes(device, even_k)
@@ -75,7 +75,7 @@ def test_assign_split_k_merge_keeps_smallest_tied_index(device, dtype, splits, e
     c = torch.cat([half, extra, half])  # copy j and j + K/2 (+1) in different tiles
     x = unit_rows(n, d, dtype, device, generator, contiguous=False)
     m = min(n // 2, half.shape[0])
-    x[:m] = half[:m]  # rows equal to a centroid: exact ties at the top score
+    x[:m] = half[:m]  # rows equal to a group: exact ties at the top score
     index, score = T.assign(x, c)
     ref_index, ref_score = ref.assign(x, c)
     assert index.dtype == torch.int64 and score.dtype == torch.float32
@@ -109,7 +109,7 @@ def test_loss_forward_split_k_merge(device, dtype, splits, even_k, split, genera
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 3], ids=lambda s: f"split{s}")
-def test_centroid_grad_row_splits(device, dtype, splits, split, generator):
+def test_group_grad_row_splits(device, dtype, splits, split, generator):
     split(splits)
     n, k, d = sizes(device)
     p = unit_rows(n, d, dtype, device, generator)
@@ -125,7 +125,7 @@ def test_centroid_grad_row_splits(device, dtype, splits, split, generator):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_centroid_grad_float16_tiny_weights_do_not_underflow(device, generator):
+def test_group_grad_float16_tiny_weights_do_not_underflow(device, generator):
     """Mean-reduced weights of a large batch are ~1e-9: float16 products would flush to zero."""
     n, k, d = sizes(device)
     p = unit_rows(n, d, torch.float16, device, generator)
@@ -259,7 +259,7 @@ def test_torch_compile_traces_the_registered_ops(device, generator):
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_graph_capture_of_a_step(dtype, generator):
-    """A whole step (assign + statistics, update, loss forward, centroid gradient) is captured and
+    """A whole step (assign + statistics, update, loss forward, group gradient) is captured and
     replayed on new inputs: nothing in it synchronises with the host."""
     n, k, d = 4096, 3000, 128
     x = unit_rows(n, d, dtype, "cuda", generator)
@@ -293,7 +293,7 @@ def test_cuda_graph_capture_of_a_step(dtype, generator):
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,k,d", [(4096, 65536, 128), (8192, 65536, 256)])
 def test_loss_holds_no_n_by_k_buffer(n, k, d, generator):
-    """Peak extra memory of loss forward + centroid gradient stays below 2 (N + K) D float32 + 64 MB,
+    """Peak extra memory of loss forward + group gradient stays below 2 (N + K) D float32 + 64 MB,
     far below the N x K float32 score matrix (1-2 GB here)."""
     p = unit_rows(n, d, torch.bfloat16, "cuda", generator)
     c = unit_rows(k, d, torch.bfloat16, "cuda", generator)

@@ -5,7 +5,7 @@ from ptxas. Catches what the interpreter cannot: kernels that do not compile for
 configurations that exceed shared memory, and register spills.
 
     tools/triton_aot_check.py [--cap 90] [--dtypes bf16,fp16,fp32] [--dims 128,256]
-                              [--kernels assign,loss,cgrad,small] [--strict]
+                              [--kernels assign,loss,group_grad,small] [--strict]
 
 Integer arguments are declared as the JIT specialises them at run time: unit feature strides
 (contiguous rows) become the constant 1, pointers, D and the other strides divisible by 16 (the
@@ -89,7 +89,7 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
     real = torch.cuda.get_device_capability
     torch.cuda.get_device_capability = lambda device=None: (cap // 10, cap % 10)
     try:
-        cfg = {kind: ops._config(kind, torch.device("cuda"), tdt, d) for kind in ("assign", "loss", "cgrad")}
+        cfg = {kind: ops._config(kind, torch.device("cuda"), tdt, d) for kind in ("assign", "loss", "group_grad")}
     finally:
         torch.cuda.get_device_capability = real
     f32 = "*fp32"
@@ -107,9 +107,9 @@ def jobs(dtype: str, d: int, cap: int, kernels: list[str]):
                     "lse_ptr": f32, "att_ptr": f32, "tl_ptr": f32, "inv_t": "fp32", "scale2": "fp32"},
                    dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, FINAL=final, EVEN_K=even),
                    c["num_warps"], c["num_stages"])
-    if "cgrad" in kernels:
-        c = cfg["cgrad"]
-        yield ("centroid_grad", k.centroid_grad_kernel,
+    if "group_grad" in kernels:
+        c = cfg["group_grad"]
+        yield ("group_grad", k.group_grad_kernel,
                {"p_ptr": ptr, "c_ptr": ptr, "lse_ptr": f32, "w_ptr": f32, "wmax_ptr": f32, "out_ptr": f32,
                 "inv_t": "fp32"},
                dict(BM=c["BM"], BN=c["BN"], BD=bd, PRECISION=prec, UPCAST=False, NORMALIZE_W=dtype == "fp16",
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, default=90, help="compute capability x10 (90 = Hopper, 80 = Ampere)")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--dims", default="128,256")
-    parser.add_argument("--kernels", default="assign,loss,cgrad,small")
+    parser.add_argument("--kernels", default="assign,loss,group_grad,small")
     parser.add_argument("--strict", action="store_true", help="fail on register spills too")
     args = parser.parse_args(argv)
     kernels = args.kernels.split(",")

@@ -2,7 +2,6 @@
 // and AVX2+FMA intrinsics compiled with function-level target attributes and picked by a run-time
 // CPU check, so one binary runs on any x86-64 (and the portable part on any other architecture).
 #include "cpu/microkernels.h"
-#include "mutants.h"
 
 #include <algorithm>
 #include <cmath>
@@ -55,8 +54,7 @@ void tile_argmax_portable(const float* block, const float* panel, int64_t dp, in
   const int64_t lanes = std::min(valid, kNR);
   for (int64_t r = 0; r < kMR; ++r)
     for (int64_t j = 0; j < lanes; ++j)
-      if (acc[r][j] > best[r * kNR + j] ||
-          (SMOG_MUTATED(SMOG_MUTANT_CPU_PORTABLE_TIE) && acc[r][j] == best[r * kNR + j])) {
+      if (acc[r][j] > best[r * kNR + j]) {
         best[r * kNR + j] = acc[r][j];
         arg[r * kNR + j] = static_cast<int32_t>(k0 + j);
       }
@@ -150,9 +148,8 @@ SMOG_AVX512 void tile_argmax_avx512(const float* block, const float* panel, int6
     float* br = best + r * kNR;
     int32_t* ar = arg + r * kNR;
     const __m512 best0 = _mm512_loadu_ps(br), best1 = _mm512_loadu_ps(br + 16);
-    constexpr int gt = SMOG_MUTATED(SMOG_MUTANT_CPU_AVX512_TIE) ? _CMP_GE_OQ : _CMP_GT_OQ;
-    const __mmask16 g0 = _mm512_mask_cmp_ps_mask(m0, acc0[r], best0, gt);
-    const __mmask16 g1 = _mm512_mask_cmp_ps_mask(m1, acc1[r], best1, gt);
+    const __mmask16 g0 = _mm512_mask_cmp_ps_mask(m0, acc0[r], best0, _CMP_GT_OQ);
+    const __mmask16 g1 = _mm512_mask_cmp_ps_mask(m1, acc1[r], best1, _CMP_GT_OQ);
     _mm512_mask_storeu_ps(br, g0, acc0[r]);
     _mm512_mask_storeu_ps(br + 16, g1, acc1[r]);
     _mm512_mask_storeu_epi32(ar, g0, idx0);
@@ -323,8 +320,7 @@ SMOG_AVX2 void tile_argmax_avx2(const float* block, const float* panel, int64_t 
       float* br = best + r * kNR + 8 * g;
       float* ar = reinterpret_cast<float*>(arg + r * kNR + 8 * g);
       const __m256 old = _mm256_loadu_ps(br);
-      constexpr int cmp = SMOG_MUTATED(SMOG_MUTANT_CPU_AVX2_TIE) ? _CMP_GE_OQ : _CMP_GT_OQ;
-      const __m256 gt = _mm256_and_ps(_mm256_cmp_ps(acc[r], old, cmp), ok);
+      const __m256 gt = _mm256_and_ps(_mm256_cmp_ps(acc[r], old, _CMP_GT_OQ), ok);
       _mm256_storeu_ps(br, _mm256_blendv_ps(old, acc[r], gt));
       _mm256_storeu_ps(ar, _mm256_blendv_ps(_mm256_loadu_ps(ar), idx, gt));
     }

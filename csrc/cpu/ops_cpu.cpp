@@ -2,9 +2,9 @@
 //
 // Inputs are read as float32 rows of width dp = D rounded up to 16 (used in place when already
 // so, else one converting copy from any float dtype and strides, zero-padded) and packed for the
-// micro-kernels (microkernels.h). Every op streams over centroid tiles with per-row running
+// micro-kernels (microkernels.h). Every op streams over group tiles with per-row running
 // reductions, so no N x K buffer ever exists: the extra memory is O((N + K) * D) plus per-thread
-// tiles. Work is split over blocks of rows (or of centroids) with OpenMP, each block owned by one
+// tiles. Work is split over blocks of rows (or of groups) with OpenMP, each block owned by one
 // thread: no atomics, and results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "cpu/microkernels.h"
-#include "mutants.h"
 
 namespace smog::cpu {
 namespace {
@@ -25,7 +24,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kLossRows = 4 * kMR;    // rows per task of the loss forward pass
 constexpr int64_t kAssignRows = 4 * kMR;  // rows per task of the assignment
-constexpr int64_t kColBlock = 7 * kNR;    // centroids per streamed tile (224, a multiple of kMR too)
+constexpr int64_t kColBlock = 7 * kNR;    // groups per streamed tile (224, a multiple of kMR too)
 // Below this many multiply-adds an op runs on one thread: waking the OpenMP team would cost more
 // than the work. Memory-bound passes (packing, sums, updates) gain less from threads: they go
 // parallel only above kParallelCopy elements.
@@ -75,24 +74,24 @@ void check_features(const at::Tensor& t, const char* name) {
 
 void check_pair(const at::Tensor& x, const at::Tensor& c) {
   check_features(x, "x");
-  check_features(c, "centroids");
-  TORCH_CHECK(c.size(0) >= 1, "centroids must have at least one row");
-  TORCH_CHECK(x.size(1) == c.size(1), "x ", x.sizes(), " and centroids ", c.sizes(), " differ in D");
+  check_features(c, "groups");
+  TORCH_CHECK(c.size(0) >= 1, "groups must have at least one row");
+  TORCH_CHECK(x.size(1) == c.size(1), "x ", x.sizes(), " and groups ", c.sizes(), " differ in D");
 }
 
 // ---------------------------------------------------------------------------------------------
-// assign: per row block, running (max, argmax) over 32 lanes per row across all centroid panels,
+// assign: per row block, running (max, argmax) over 32 lanes per row across all group panels,
 // then a lane reduction that keeps the smallest index among equal maxima.
-std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& centroids) {
-  check_pair(x, centroids);
-  const int64_t n = x.size(0), d = x.size(1), k = centroids.size(0);
-  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), "too many centroids: ", k);
+std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Tensor& groups) {
+  check_pair(x, groups);
+  const int64_t n = x.size(0), d = x.size(1), k = groups.size(0);
+  TORCH_CHECK(k <= std::numeric_limits<int32_t>::max(), "too many groups: ", k);
   at::Tensor index = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor score = at::empty({n}, x.options().dtype(at::kFloat));
   if (n == 0) return {index, score};
   const int64_t dp = round_up(d, 16), np = round_up(n, kMR), kp = round_up(k, kNR);
   const at::Tensor xb = pack_rows(float_rows(x, dp), kMR, np);
-  const at::Tensor cb = pack_rows(float_rows(centroids, dp), kNR, kp);
+  const at::Tensor cb = pack_rows(float_rows(groups, dp), kNR, kp);
   const float* xbp = xb.data_ptr<float>();
   const float* cbp = cb.data_ptr<float>();
   int64_t* index_p = index.data_ptr<int64_t>();
@@ -121,8 +120,7 @@ std::tuple<at::Tensor, at::Tensor> assign_cpu(const at::Tensor& x, const at::Ten
         float top = b[0];
         int32_t top_index = a[0];
         for (int64_t j = 1; j < kNR; ++j)
-          if (b[j] > top || (b[j] == top && (SMOG_MUTATED(SMOG_MUTANT_CPU_LANE_TIE) ? a[j] > top_index
-                                                                                   : a[j] < top_index))) {
+          if (b[j] > top || (b[j] == top && a[j] < top_index)) {
             top = b[j];
             top_index = a[j];
           }
@@ -196,7 +194,7 @@ void update_rows(const scalar_t* c, const float* sums, const int64_t* counts, in
     for (int64_t g = 0; g < k; ++g) {
       const scalar_t* cg = c + g * d;
       scalar_t* og = out + g * d;
-      if (counts[g] <= 0 && !SMOG_MUTATED(SMOG_MUTANT_CPU_EMPTY_GROUP)) {
+      if (counts[g] <= 0) {
         std::copy(cg, cg + d, og);
         continue;
       }
@@ -212,15 +210,15 @@ void update_rows(const scalar_t* c, const float* sums, const int64_t* counts, in
   }
 }
 
-at::Tensor momentum_update_cpu(const at::Tensor& centroids, const at::Tensor& sums,
+at::Tensor momentum_update_cpu(const at::Tensor& groups, const at::Tensor& sums,
                                const at::Tensor& counts, double beta) {
-  check_features(centroids, "centroids");
-  TORCH_CHECK(sums.sizes() == centroids.sizes(), "sums ", sums.sizes(), " must match centroids ",
-              centroids.sizes());
-  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == centroids.size(0), "counts must be [K], got ",
+  check_features(groups, "groups");
+  TORCH_CHECK(sums.sizes() == groups.sizes(), "sums ", sums.sizes(), " must match groups ",
+              groups.sizes());
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == groups.size(0), "counts must be [K], got ",
               counts.sizes());
-  const int64_t k = centroids.size(0), d = centroids.size(1);
-  const at::Tensor cc = centroids.contiguous();
+  const int64_t k = groups.size(0), d = groups.size(1);
+  const at::Tensor cc = groups.contiguous();
   const at::Tensor sc = sums.to(at::kFloat).contiguous(), nc = counts.to(at::kLong).contiguous();
   at::Tensor out = at::empty_like(cc, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cc.scalar_type(), "smog_momentum_update", [&] {
@@ -231,19 +229,19 @@ at::Tensor momentum_update_cpu(const at::Tensor& centroids, const at::Tensor& su
 }
 
 // ---------------------------------------------------------------------------------------------
-// loss_forward: per block of rows, stream over tiles of kColBlock centroids: scores (scaled by
-// inv_t) -> online max / sum of exponentials per row -> acc += softmax-weights @ centroids, with
+// loss_forward: per block of rows, stream over tiles of kColBlock groups: scores (scaled by
+// inv_t) -> online max / sum of exponentials per row -> acc += softmax-weights @ groups, with
 // acc rescaled whenever a row's max grows. Target logits are read from the score tiles, so they
-// are the very values the log-sum-exp saw (a one-centroid loss is exactly 0).
+// are the very values the log-sum-exp saw (a one-group loss is exactly 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor& p,
-                                                                 const at::Tensor& centroids,
+                                                                 const at::Tensor& groups,
                                                                  const at::Tensor& targets,
                                                                  double inv_temperature) {
-  check_pair(p, centroids);
+  check_pair(p, groups);
   TORCH_CHECK(targets.dim() == 2 && targets.size(1) == p.size(0), "targets must be [T, N] with N = ",
               p.size(0), ", got shape ", targets.sizes());
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
-  const int64_t n = p.size(0), d = p.size(1), k = centroids.size(0), nt = targets.size(0);
+  const int64_t n = p.size(0), d = p.size(1), k = groups.size(0), nt = targets.size(0);
   const float inv_t = static_cast<float>(inv_temperature);
   at::Tensor lse = at::empty({n}, p.options().dtype(at::kFloat));
   at::Tensor target_logits = at::empty({nt, n}, p.options().dtype(at::kFloat));
@@ -254,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
   for (int64_t i = 0; i < nt * n; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < k, "target ", tp[i], " is outside [0, ", k, ")");
   const int64_t dp = round_up(d, 16), np = round_up(n, kMR), kp = round_up(k, kNR);
-  const at::Tensor cf = float_rows(centroids, dp);
+  const at::Tensor cf = float_rows(groups, dp);
   const at::Tensor pb = pack_rows(float_rows(p, dp), kMR, np), cb = pack_rows(cf, kNR, kp);
   const float *pbp = pb.data_ptr<float>(), *cfp = cf.data_ptr<float>(), *cbp = cb.data_ptr<float>();
   float *lse_p = lse.data_ptr<float>(), *tl_p = target_logits.data_ptr<float>();
@@ -310,15 +308,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cpu(const at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
-// loss_centroid_grad: G[k] = inv_t * sum_b w_b exp(inv_t <p_b, c_k> - lse_b) p_b. A task owns a
-// tile of kColBlock centroids and a fixed share of the rows (several shares only when there are
-// few centroid tiles; their partial sums are added in a fixed order). It streams over its rows
-// in tiles of kColBlock: transposed scores S^T [centroids][rows] -> weighted softmax in place ->
+// loss_group_grad: G[k] = inv_t * sum_b w_b exp(inv_t <p_b, c_k> - lse_b) p_b. A task owns a
+// tile of kColBlock groups and a fixed share of the rows (several shares only when there are
+// few group tiles; their partial sums are added in a fixed order). It streams over its rows
+// in tiles of kColBlock: transposed scores S^T [groups][rows] -> weighted softmax in place ->
 // G_tile += S^T @ p_tile.
-at::Tensor loss_centroid_grad_cpu(const at::Tensor& p, const at::Tensor& centroids, const at::Tensor& lse,
+at::Tensor loss_group_grad_cpu(const at::Tensor& p, const at::Tensor& groups, const at::Tensor& lse,
                                   const at::Tensor& row_weight, double inv_temperature) {
-  check_pair(p, centroids);
-  const int64_t n = p.size(0), d = p.size(1), k = centroids.size(0);
+  check_pair(p, groups);
+  const int64_t n = p.size(0), d = p.size(1), k = groups.size(0);
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == n, "lse must be [N], got ", lse.sizes());
   TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == n, "row_weight must be [N], got ",
               row_weight.sizes());
@@ -327,7 +325,7 @@ at::Tensor loss_centroid_grad_cpu(const at::Tensor& p, const at::Tensor& centroi
   const int64_t kp = round_up(k, kColBlock);
   const at::Tensor pf = float_rows(p, dp);
   const at::Tensor pp = pack_rows(pf, kNR, np);
-  const at::Tensor cb = pack_rows(float_rows(centroids, dp), kMR, round_up(k, kMR));
+  const at::Tensor cb = pack_rows(float_rows(groups, dp), kMR, round_up(k, kMR));
   // per-row shift and weight, zero for the padding rows n..np (their softmax weight is 0)
   const at::Tensor shift = at::zeros({np}, p.options().dtype(at::kFloat));
   const at::Tensor weight = at::zeros({np}, p.options().dtype(at::kFloat));
@@ -337,7 +335,7 @@ at::Tensor loss_centroid_grad_cpu(const at::Tensor& p, const at::Tensor& centroi
   const float *shp = shift.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const MicroKernels& mk = micro_kernels();
 
-  // Row shares per centroid tile: a fixed number (not the thread count), so that results do not
+  // Row shares per group tile: a fixed number (not the thread count), so that results do not
   // depend on the number of threads.
   const int64_t ctiles = kp / kColBlock, rtiles = np / kColBlock;
   const int64_t splits = std::min(rtiles, std::max<int64_t>(1, ceil_div(16, ctiles)));
@@ -379,7 +377,7 @@ TORCH_LIBRARY_IMPL(smog, CPU, m) {
   m.impl("group_stats", &group_stats_cpu);
   m.impl("momentum_update", &momentum_update_cpu);
   m.impl("loss_forward", &loss_forward_cpu);
-  m.impl("loss_centroid_grad", &loss_centroid_grad_cpu);
+  m.impl("loss_group_grad", &loss_group_grad_cpu);
 }
 
 }  // namespace smog::cpu

@@ -1,6 +1,6 @@
 // smog::assign on CUDA: argmax_k <x_i, c_k> with ties to the smallest k.
 //
-// Each block owns 64 rows of x and streams over 64-centroid tiles (score_tile: tensor cores for
+// Each block owns 64 rows of x and streams over 64-group tiles (score_tile: tensor cores for
 // bf16/fp16, CUDA cores for float32), keeping a running (max, argmax) per row: 4 threads per row
 // scan 16 columns each in increasing k, combine with warp shuffles (larger score, or equal score and
 // smaller index), and the running value only moves on a strictly larger score, so the first maximal
@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include "common.cuh"
-#include "mutants.h"
 
 namespace smog_cuda {
 namespace {
@@ -38,7 +37,7 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ c, int64_t N, int64
     for (int j = 0; j < 16; ++j) {
       const int col = q * 16 + j;
       const float s = S[r * LDS + col];
-      if (k0 + col < K && (s > v || (SMOG_MUTATED(SMOG_MUTANT_CUDA_COLUMN_TIE) && s == v))) {
+      if (k0 + col < K && s > v) {
         v = s;
         vk = k0 + col;
       }
@@ -47,12 +46,12 @@ assign_kernel(const T* __restrict__ x, const T* __restrict__ c, int64_t N, int64
     for (int off = 1; off < 4; off <<= 1) {
       const float ov = __shfl_xor_sync(0xffffffffu, v, off);
       const int64_t ok = __shfl_xor_sync(0xffffffffu, vk, off);
-      if (ov > v || (ov == v && (SMOG_MUTATED(SMOG_MUTANT_CUDA_SHUFFLE_TIE) ? ok > vk : ok < vk))) {
+      if (ov > v || (ov == v && ok < vk)) {
         v = ov;
         vk = ok;
       }
     }
-    if (v > best || (SMOG_MUTATED(SMOG_MUTANT_CUDA_TILE_TIE) && v == best)) {
+    if (v > best) {
       best = v;
       best_k = vk;
     }
@@ -72,14 +71,11 @@ __global__ void assign_merge_kernel(const float* __restrict__ part_score, const 
                                     int64_t* __restrict__ index) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= N) return;
-  constexpr bool reversed = SMOG_MUTATED(SMOG_MUTANT_CUDA_MERGE_ORDER);
-  const int64_t first = reversed ? splits - 1 : 0;
-  float best = part_score[first * N + row];
-  int64_t best_k = part_index[first * N + row];
-  for (int64_t i = 1; i < splits; ++i) {
-    const int64_t s = reversed ? splits - 1 - i : i;
+  float best = part_score[row];
+  int64_t best_k = part_index[row];
+  for (int64_t s = 1; s < splits; ++s) {
     const float v = part_score[s * N + row];
-    if (v > best || (SMOG_MUTATED(SMOG_MUTANT_CUDA_MERGE_TIE) && v == best)) {
+    if (v > best) {
       best = v;
       best_k = part_index[s * N + row];
     }
@@ -90,15 +86,15 @@ __global__ void assign_merge_kernel(const float* __restrict__ part_score, const 
 
 std::tuple<at::Tensor, at::Tensor> assign_cuda(const at::Tensor& x_in, const at::Tensor& c_in) {
   TORCH_CHECK(x_in.dim() == 2 && c_in.dim() == 2 && x_in.size(1) == c_in.size(1),
-              "smog::assign: x [N, D] and centroids [K, D] expected");
-  TORCH_CHECK(x_in.scalar_type() == c_in.scalar_type(), "smog::assign: x and centroids must share a dtype");
+              "smog::assign: x [N, D] and groups [K, D] expected");
+  TORCH_CHECK(x_in.scalar_type() == c_in.scalar_type(), "smog::assign: x and groups must share a dtype");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), c = c_in.contiguous();
   const int64_t N = x.size(0), K = c.size(0), D = x.size(1);
   auto index = at::empty({N}, x.options().dtype(at::kLong));
   auto score = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {index, score};
-  TORCH_CHECK(K >= 1, "smog::assign: centroids must hold at least one row");
+  TORCH_CHECK(K >= 1, "smog::assign: groups must hold at least one row");
 
   const int64_t row_blocks = ceil_div(N, BM);
   const int64_t num_tiles = ceil_div(K, BN);

@@ -8,7 +8,7 @@
 //   - float32 (and 16-bit on older archs): CUDA cores, each thread a 4x4 micro-tile.
 // Rows past M / R and columns past D are zero-filled in shared memory, so every score of a valid
 // (row, key) pair is an exact float32-accumulated dot product and padding never produces NaN.
-// The ops (assign, loss forward, centroid gradient) are epilogues over the score tile; none of
+// The ops (assign, loss forward, group gradient) are epilogues over the score tile; none of
 // them ever stores an N x K matrix.
 #pragma once
 
@@ -80,7 +80,7 @@ constexpr int kVecBytes = align128(3 * 64 * 4);
 constexpr int kValueOffset = kVecOffset + kVecBytes;    // float V tile [BN][DC]
 constexpr int kValueBytes = align128(BN * DC * 4);
 constexpr int kSmemScoresOnly = kValueOffset;           // assign, log-sum-exp pass
-constexpr int kSmemWithValues = kValueOffset + kValueBytes;  // CUDA-core loss forward, centroid gradient
+constexpr int kSmemWithValues = kValueOffset + kValueBytes;  // CUDA-core loss forward, group gradient
 
 // Tensor-core P . V pass (16-bit inputs): after the vectors, P [BM][LDP] and V [BN][LDV] in the input
 // type, then the float32 output staging tile O [BM][LDO].

@@ -1,8 +1,8 @@
-// smog::loss_forward and smog::loss_centroid_grad on CUDA.
+// smog::loss_forward and smog::loss_group_grad on CUDA.
 //
-// loss_forward is attention with queries p and keys = values = centroids, flash-attention style: a
+// loss_forward is attention with queries p and keys = values = groups, flash-attention style: a
 // block owns 64 rows of p and a 128-wide slice of D (grid.z, so any D works; for D <= 128 there is one
-// slice) and streams over 64-centroid tiles. Per tile: the score tile (tensor cores for bf16/fp16),
+// slice) and streams over 64-group tiles. Per tile: the score tile (tensor cores for bf16/fp16),
 // logits l = s * inv_t, the running row max m and sum-exp l rescaled by exp(m_old - m_new), the
 // numerators exp(l - m_new) written over the score tile, and the float32 accumulator
 // acc = acc * exp(m_old - m_new) + P . C_tile (CUDA cores, float32). At the end
@@ -13,7 +13,7 @@
 // = softmax_values_tc_kernel, whose probabilities exp(l - lse) are final per tile, so its WMMA
 // accumulators need no rescaling. SMOG_CUDA_LOSS=simt selects the single pass for 16-bit inputs too.
 //
-// loss_centroid_grad swaps the roles: a block owns 64 centroids and a D slice and streams over
+// loss_group_grad swaps the roles: a block owns 64 groups and a D slice and streams over
 // 64-row tiles of p: P[k][b] = w_b exp(<c_k, p_b> inv_t - lse_b), acc += P . p_tile, out = inv_t acc
 // (CUDA cores for float32 or SMOG_CUDA_LOSS=simt, softmax_values_tc_kernel otherwise).
 #include <torch/library.h>
@@ -27,7 +27,7 @@ namespace smog_cuda {
 namespace {
 
 // kValues = false: the log-sum-exp only (first pass of the tensor-core path), attention unused. Then
-// blockIdx.y may split the centroids (tiles_per_split tiles each): with part_m != nullptr every split
+// blockIdx.y may split the groups (tiles_per_split tiles each): with part_m != nullptr every split
 // writes its running (max, sum-exp) to part_m / part_l [splits, N] and lse_merge_kernel combines them.
 // kValues = true: one split (tiles_per_split covers K), part_m == nullptr.
 template <typename T, bool kValues>
@@ -110,7 +110,7 @@ loss_forward_kernel(const T* __restrict__ p, const T* __restrict__ c, int64_t N,
   }
 }
 
-// lse of every row from the per-split (max, sum-exp) pairs; every split saw at least one centroid.
+// lse of every row from the per-split (max, sum-exp) pairs; every split saw at least one group.
 __global__ void lse_merge_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l, int64_t N,
                                  int64_t splits, float* __restrict__ lse) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -137,14 +137,14 @@ __global__ void sum_splits_kernel(const float* __restrict__ part, int64_t total,
 // the probabilities are exact per tile (no running rescale), so the output accumulates in WMMA
 // fragments across all tiles. P = col_w * exp(s * inv_t - lse) is rounded to the input type (as in
 // flash attention) and multiplied with the value tile on tensor cores, float32 accumulation.
-//   kCentroidGrad = false: A = p [N], B = centroids [K], lse per row of A: out = attention [N, D]
-//   kCentroidGrad = true:  A = centroids [K], B = p [N], lse and weight per row of B:
+//   kGroupGrad = false: A = p [N], B = groups [K], lse per row of A: out = attention [N, D]
+//   kGroupGrad = true:  A = groups [K], B = p [N], lse and weight per row of B:
 //                          out = out_scale * sum_b w_b softmax_bk p_b  [K, D]; the weights enter P
 //                          divided by *weight_max (max |w|, on the device) and the output is multiplied
 //                          back, so that small weights (1 / (T N) for a mean) do not underflow float16.
 // blockIdx.y splits the rows of B (tiles_per_split tiles each); split y writes out + y * rows_a * D, a
 // partial sum that sum_splits_kernel adds up when there is more than one split.
-template <typename T, bool kCentroidGrad>
+template <typename T, bool kGroupGrad>
 __global__ void __launch_bounds__(kThreads)
 softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __restrict__ B, int64_t rows_b,
                          int64_t D, const float* __restrict__ lse, const float* __restrict__ weight,
@@ -167,9 +167,9 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
   const int wr = warp >> 1;        // 16-row slab of the output tile
   const int wc = (warp & 1) * 64;  // first of four 16-column slabs
 
-  if (!kCentroidGrad && tid < BM) row_lse[tid] = row0 + tid < rows_a ? lse[row0 + tid] : 0.0f;
+  if (!kGroupGrad && tid < BM) row_lse[tid] = row0 + tid < rows_a ? lse[row0 + tid] : 0.0f;
   float w_unit = 1.0f;  // the weights are stored as w / w_unit
-  if (kCentroidGrad) {
+  if (kGroupGrad) {
     const float wm = *weight_max;
     if (wm > 0.0f && wm < INFINITY) w_unit = wm;
   }
@@ -182,7 +182,7 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
   const int64_t key_begin = static_cast<int64_t>(blockIdx.y) * tiles_per_split * BN;
   const int64_t key_end = min(rows_b, key_begin + tiles_per_split * BN);
   for (int64_t key0 = key_begin; key0 < key_end; key0 += BN) {
-    if (kCentroidGrad && tid < BN) {
+    if (kGroupGrad && tid < BN) {
       const int64_t b = key0 + tid;
       col_lse[tid] = b < rows_b ? lse[b] : 0.0f;
       col_w[tid] = b < rows_b ? weight[b] * inv_w_unit : 0.0f;
@@ -193,7 +193,7 @@ softmax_values_tc_kernel(const T* __restrict__ A, int64_t rows_a, const T* __res
       float v = 0.0f;
       if (key0 + cc < key_end) {
         const float s = S[r * LDS + cc] * inv_t;
-        v = kCentroidGrad ? col_w[cc] * expf(s - col_lse[cc]) : expf(s - row_lse[r]);
+        v = kGroupGrad ? col_w[cc] * expf(s - col_lse[cc]) : expf(s - row_lse[r]);
       }
       P[r * LDP + cc] = from_float<T>(v);
     }
@@ -257,7 +257,7 @@ __global__ void target_logits_kernel(const T* __restrict__ p, const T* __restric
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-centroid_grad_kernel(const T* __restrict__ p, const T* __restrict__ c, const float* __restrict__ lse,
+group_grad_kernel(const T* __restrict__ p, const T* __restrict__ c, const float* __restrict__ lse,
                      const float* __restrict__ row_weight, int64_t N, int64_t K, int64_t D, float inv_t,
                      float* __restrict__ out) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -317,7 +317,7 @@ SplitPlan plan_splits(int64_t output_blocks, int64_t rows_streamed) {
 }
 
 // Runs the tensor-core values kernel over the split plan into out (float32 [rows_a, D]).
-template <typename T, bool kCentroidGrad>
+template <typename T, bool kGroupGrad>
 void launch_tc_values(const T* A, int64_t rows_a, const T* B, int64_t rows_b, int64_t D, const float* lse,
                       const float* weight, const float* weight_max, float inv_t, float out_scale, at::Tensor& out,
                       cudaStream_t stream) {
@@ -325,7 +325,7 @@ void launch_tc_values(const T* A, int64_t rows_a, const T* B, int64_t rows_b, in
   const SplitPlan plan = plan_splits(row_blocks * slices, rows_b);
   at::Tensor target = out;
   if (plan.splits > 1) target = at::empty({plan.splits, rows_a, D}, out.options());
-  auto kernel = softmax_values_tc_kernel<T, kCentroidGrad>;
+  auto kernel = softmax_values_tc_kernel<T, kGroupGrad>;
   allow_dynamic_smem(kernel, kSmemTcValues);
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(plan.splits), static_cast<unsigned>(slices));
   kernel<<<grid, kThreads, kSmemTcValues, stream>>>(A, rows_a, B, rows_b, D, lse, weight, weight_max, inv_t,
@@ -355,8 +355,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
                                                                  const at::Tensor& targets_in,
                                                                  double inv_temperature) {
   TORCH_CHECK(p_in.dim() == 2 && c_in.dim() == 2 && p_in.size(1) == c_in.size(1),
-              "smog::loss_forward: p [N, D] and centroids [K, D] expected");
-  TORCH_CHECK(p_in.scalar_type() == c_in.scalar_type(), "smog::loss_forward: p and centroids must share a dtype");
+              "smog::loss_forward: p [N, D] and groups [K, D] expected");
+  TORCH_CHECK(p_in.scalar_type() == c_in.scalar_type(), "smog::loss_forward: p and groups must share a dtype");
   TORCH_CHECK(targets_in.dim() == 2 && targets_in.size(1) == p_in.size(0) && targets_in.scalar_type() == at::kLong,
               "smog::loss_forward: targets must be int64 [T, N]");
   const c10::cuda::CUDAGuard guard(p_in.device());
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
   auto target_logits = at::empty({T_, N}, f32);
   auto attention = at::empty({N, D}, f32);
   if (N == 0) return {lse, target_logits, attention};
-  TORCH_CHECK(K >= 1, "smog::loss_forward: centroids must hold at least one row");
+  TORCH_CHECK(K >= 1, "smog::loss_forward: groups must hold at least one row");
   const float inv_t = static_cast<float>(inv_temperature);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_feature_type(p.scalar_type(), "smog::loss_forward", [&](auto tag) {
@@ -412,14 +412,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_forward_cuda(const at::Tenso
   return {lse, target_logits, attention};
 }
 
-at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_in, const at::Tensor& lse_in,
+at::Tensor loss_group_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_in, const at::Tensor& lse_in,
                                    const at::Tensor& w_in, double inv_temperature) {
   TORCH_CHECK(p_in.dim() == 2 && c_in.dim() == 2 && p_in.size(1) == c_in.size(1),
-              "smog::loss_centroid_grad: p [N, D] and centroids [K, D] expected");
+              "smog::loss_group_grad: p [N, D] and groups [K, D] expected");
   TORCH_CHECK(p_in.scalar_type() == c_in.scalar_type(),
-              "smog::loss_centroid_grad: p and centroids must share a dtype");
+              "smog::loss_group_grad: p and groups must share a dtype");
   TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == p_in.size(0) && w_in.dim() == 1 && w_in.size(0) == p_in.size(0),
-              "smog::loss_centroid_grad: lse and row_weight must be [N]");
+              "smog::loss_group_grad: lse and row_weight must be [N]");
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = p_in.contiguous(), c = c_in.contiguous();
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous(), w = w_in.to(at::kFloat).contiguous();
@@ -428,7 +428,7 @@ at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_i
   if (K == 0) return out;
   const float inv_t = static_cast<float>(inv_temperature);
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_feature_type(p.scalar_type(), "smog::loss_centroid_grad", [&](auto tag) {
+  dispatch_feature_type(p.scalar_type(), "smog::loss_group_grad", [&](auto tag) {
     using T = decltype(tag);
     const dim3 grid(static_cast<unsigned>(ceil_div(K, BM)), 1,
                     static_cast<unsigned>(std::max<int64_t>(1, ceil_div(D, DC))));
@@ -441,7 +441,7 @@ at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_i
         return;
       }
     }
-    auto kernel = centroid_grad_kernel<T>;
+    auto kernel = group_grad_kernel<T>;
     allow_dynamic_smem(kernel, kSmemWithValues);
     kernel<<<grid, kThreads, kSmemWithValues, stream>>>(
         reinterpret_cast<const T*>(p.data_ptr()), reinterpret_cast<const T*>(c.data_ptr()), lse.data_ptr<float>(),
@@ -456,5 +456,5 @@ at::Tensor loss_centroid_grad_cuda(const at::Tensor& p_in, const at::Tensor& c_i
 
 TORCH_LIBRARY_IMPL(smog, CUDA, m) {
   m.impl("loss_forward", &smog_cuda::loss_forward_cuda);
-  m.impl("loss_centroid_grad", &smog_cuda::loss_centroid_grad_cuda);
+  m.impl("loss_group_grad", &smog_cuda::loss_group_grad_cuda);
 }

@@ -11,7 +11,7 @@
 // other than "" / "0", or when torch.use_deterministic_algorithms(True) is in force
 // (at::globalContext().deterministicAlgorithms()); otherwise the atomic path runs.
 //
-// momentum_update: one warp per centroid row: v = beta c + (1 - beta) sum / count, written as
+// momentum_update: one warp per group row: v = beta c + (1 - beta) sum / count, written as
 // v / max(||v||, 1e-12) (F.normalize) for rows with count > 0, the row unchanged otherwise.
 #include <torch/library.h>
 
@@ -19,7 +19,6 @@
 #include <cstring>
 
 #include "common.cuh"
-#include "mutants.h"
 
 namespace smog_cuda {
 namespace {
@@ -153,7 +152,7 @@ __global__ void momentum_update_kernel(const T* __restrict__ c, const float* __r
   const T* crow = c + k * D;
   T* orow = out + k * D;
   const int64_t n = counts[k];
-  if (n <= 0 && !SMOG_MUTATED(SMOG_MUTANT_CUDA_EMPTY_GROUP)) {
+  if (n <= 0) {
     for (int64_t d = lane; d < D; d += 32) orow[d] = crow[d];
     return;
   }
@@ -176,7 +175,7 @@ __global__ void momentum_update_kernel(const T* __restrict__ c, const float* __r
 at::Tensor momentum_update_cuda(const at::Tensor& c_in, const at::Tensor& sums_in, const at::Tensor& counts_in,
                                 double beta) {
   TORCH_CHECK(c_in.dim() == 2 && sums_in.sizes() == c_in.sizes() && sums_in.scalar_type() == at::kFloat,
-              "smog::momentum_update: centroids [K, D] and float32 sums [K, D] expected");
+              "smog::momentum_update: groups [K, D] and float32 sums [K, D] expected");
   TORCH_CHECK(counts_in.dim() == 1 && counts_in.size(0) == c_in.size(0) && counts_in.scalar_type() == at::kLong,
               "smog::momentum_update: counts must be int64 [K]");
   const c10::cuda::CUDAGuard guard(c_in.device());

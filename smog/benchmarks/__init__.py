@@ -1,5 +1,5 @@
-"""`smog bench NAME`: the kernel benchmarks a user runs on their own hardware. (Training, accuracy and
-distributed benchmarks, and peers' re-implementations, are development tools in the repository's bench/.)"""
+"""`smog bench NAME`: the kernel benchmarks a user runs on their own hardware. (Training, accuracy, GPU and
+distributed benchmarks, and peers, are development tools in the repository's bench/.)"""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,6 @@ import sys
 
 SUITES = {
     "kernels": "smog.benchmarks.kernels",  # fused vs reference vs torch.mm vs torch's chunked cross-entropy (CPU)
-    "gpu": "smog.benchmarks.gpu",          # the same on a CUDA GPU
     "tune": "smog.benchmarks.tune",        # time auto's candidates on this GPU; writes the table auto reads
 }
 

@@ -1,19 +1,18 @@
-"""`smog bench kernels`: the fused CPU kernels against the reference, bare torch.mm and peers.
+"""`smog bench kernels`: the fused CPU kernels against the reference, bare torch.mm and torch's chunked
+linear cross-entropy, on this machine.
 
     smog bench kernels [--shapes small|issue] [--only N K D] [--repeats R] [--out DIR]
 
 For each shape (N, K, D) and each operation (assign; assign + statistics + momentum update; loss
 forward + backward to p with one and with two target sets), every implementation runs side by side
-in one process, interleaved repeat by repeat, and the median wall time is reported. The bare matrix
+in one process, interleaved repeat by repeat, and the median time is reported. The bare matrix
 products are the floor a GEMM-based implementation cannot beat: one product (x @ G.T) for the
 assignment, two (p @ G.T and S @ G, S a given N x K matrix) for the loss. The loss's closest
 PyTorch peer is torch.nn.functional.linear_cross_entropy, chunked over rows (torch >= 2.13), on
 (p, G / temperature), with LinearCrossEntropyOptions() (its own chunk size) and with 1024-row
-chunks (faster on the CPU at the issue's shapes); it takes one target per row, so two target sets
-are one call on the rows repeated twice (2N rows: the mean over both sets, as smog's loss, at twice
-the products, since its API cannot share one set of logits between two target vectors). Optional
-peers in the same run, when installed: lightly's SMoGPrototypes (assign_groups +
-get_updated_group_features) and faiss-cpu's spherical k-means against ours.
+chunks; it takes one target per row, so two target sets are one call on the rows repeated twice (2N
+rows: the mean over both sets, as smog's loss, at twice the products, since its API cannot share one
+set of logits between two target vectors).
 
 Peak extra memory: each case runs once more in a fresh process (forked from a server process that
 has imported torch but run nothing), which builds the inputs, resets the kernel's peak resident-set
@@ -34,7 +33,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,26 +41,25 @@ SHAPES = {
     "small": [(2048, 1000, 128)],
     "issue": [(4096, 3000, 128), (16384, 16384, 128), (16384, 65536, 128)],
 }
-KMEANS = {"small": (6000, 300, 64, 10), "issue": (60000, 3000, 128, 10)}  # N, K, D, iterations
 LOSS_T1, LOSS_T2 = "loss fwd+bwd T=1", "loss fwd+bwd T=2"  # one and two target sets
 OPS = ("assign", "assign+stats+update", LOSS_T1, LOSS_T2)
 TORCH_CE = {"torch CE chunked": None, "torch CE chunk 1024": 1024}  # LinearCrossEntropyOptions' batch_chunk_size
 LOSS_IMPLS = ("fused", "reference", *TORCH_CE, "torch.mm x2")
 IMPLS = {
     "assign": ("fused", "reference", "torch.mm x1"),
-    "assign+stats+update": ("fused", "reference", "lightly", "torch.mm x1"),
+    "assign+stats+update": ("fused", "reference", "torch.mm x1"),
     LOSS_T1: LOSS_IMPLS,
     LOSS_T2: LOSS_IMPLS,
 }
 # Largest N x K float32 buffers alive at once (estimates used to skip cases that would not fit).
 SCORE_BUFFERS = {
     ("assign", "reference"): 1.5, ("assign", "torch.mm x1"): 1,
-    ("assign+stats+update", "reference"): 1.5, ("assign+stats+update", "lightly"): 2,
-    ("assign+stats+update", "torch.mm x1"): 1,
+    ("assign+stats+update", "reference"): 1.5, ("assign+stats+update", "torch.mm x1"): 1,
     (LOSS_T1, "reference"): 5, (LOSS_T1, "torch.mm x2"): 2,
     (LOSS_T2, "reference"): 5, (LOSS_T2, "torch.mm x2"): 2,
 }
 BETA, TEMPERATURE = 0.99, 0.1
+CaseMaker = Callable[[str, str, int, int, int], Callable[[], object]]
 
 
 def unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,7 +70,6 @@ def unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
 def make_case(op: str, impl: str, n: int, k: int, d: int) -> Callable[[], object]:
     """Builds the inputs of one case (seeded) and returns the call to time."""
     import smog_kernels as sk
-    from smog_kernels import reference as ref
 
     g = torch.Generator().manual_seed(0)
     x, c = unit_rows(n, d, g), unit_rows(k, d, g)
@@ -85,16 +82,6 @@ def make_case(op: str, impl: str, n: int, k: int, d: int) -> Callable[[], object
     if op == "assign":
         return lambda: sk.assign(x, c, backend=backend)
     if op == "assign+stats+update":
-        if impl == "lightly":
-            from lightly.models.modules.heads import SMoGPrototypes
-
-            prototypes = SMoGPrototypes(c.clone(), beta=BETA)
-
-            def lightly_step():
-                prototypes.assign_groups(x)
-                return prototypes.get_updated_group_features(x)
-
-            return lightly_step
 
         def step():
             index, _ = sk.assign(x, c, backend=backend)
@@ -128,9 +115,9 @@ def _status_bytes(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
 
-def probe(op: str, impl: str, n: int, k: int, d: int) -> int:
+def probe(make: CaseMaker, op: str, impl: str, n: int, k: int, d: int) -> int:
     """Peak bytes one call of the case allocates beyond its inputs (this process must be fresh)."""
-    run = make_case(op, impl, n, k, d)
+    run = make(op, impl, n, k, d)
     with torch.no_grad() if op not in (LOSS_T1, LOSS_T2) else torch.enable_grad():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
@@ -139,11 +126,11 @@ def probe(op: str, impl: str, n: int, k: int, d: int) -> int:
         return _status_bytes("VmHWM:") - before
 
 
-def _probe_child(conn, op: str, impl: str, shape: tuple[int, int, int], threads: int) -> None:
+def _probe_child(conn, make: CaseMaker, op: str, impl: str, shape: tuple[int, int, int], threads: int) -> None:
     torch.set_num_threads(threads)
     try:
-        conn.send(probe(op, impl, *shape))
-    except Exception as e:  # reported by the parent
+        conn.send(probe(make, op, impl, *shape))
+    except Exception as e:  # noqa: BLE001 (reported by the parent)
         conn.send(f"{type(e).__name__}: {e}")
     conn.close()
 
@@ -151,17 +138,18 @@ def _probe_child(conn, op: str, impl: str, shape: tuple[int, int, int], threads:
 _FORKSERVER = None
 
 
-def measure_memory(op: str, impl: str, shape: tuple[int, int, int]) -> int | None:
-    """probe() in a fresh process: a fork of a forkserver that has imported torch and smog_kernels
-    but never run a kernel (cheaper than a new interpreter per case)."""
+def measure_memory(make: CaseMaker, op: str, impl: str, shape: tuple[int, int, int]) -> int | None:
+    """probe() in a fresh process: a fork of a forkserver that has imported torch, smog_kernels and the
+    module of `make` (a module-level function) but never run a kernel (cheaper than a new interpreter
+    per case)."""
     global _FORKSERVER
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
-        _FORKSERVER.set_forkserver_preload(["torch", "smog_kernels", "smog.benchmarks.kernels"])
+        _FORKSERVER.set_forkserver_preload(["torch", "smog_kernels", make.__module__])
     parent, child = _FORKSERVER.Pipe(duplex=False)
-    proc = _FORKSERVER.Process(target=_probe_child, args=(child, op, impl, shape, torch.get_num_threads()))
+    proc = _FORKSERVER.Process(target=_probe_child, args=(child, make, op, impl, shape, torch.get_num_threads()))
     proc.start()
     child.close()
     result = parent.recv() if parent.poll(3600) else "no answer"
@@ -198,44 +186,6 @@ def time_side_by_side(calls: dict[str, Callable[[], object]], repeats: int, grad
     return times
 
 
-def kmeans_peers(n: int, k: int, d: int, iters: int, repeats: int, clock: Callable[[], float]) -> dict:
-    """smog_kernels.spherical_kmeans (fused CPU) vs faiss.Kmeans(spherical=True), same data, K,
-    iterations and thread count; quality = mean cosine of each point to its assigned group."""
-    import numpy as np
-
-    import smog_kernels as sk
-
-    x = unit_rows(n, d, torch.Generator().manual_seed(1))
-    results: dict[str, dict] = {}
-    calls: dict[str, Callable[[], torch.Tensor]] = {
-        "fused": lambda: sk.spherical_kmeans(x, k, iters=iters, seed=0, backend="cpu")[0],
-    }
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(torch.get_num_threads())
-        xn = np.ascontiguousarray(x.numpy())
-
-        def faiss_kmeans() -> torch.Tensor:
-            km = faiss.Kmeans(d, k, niter=iters, spherical=True, seed=0, verbose=False)
-            km.train(xn)
-            return torch.from_numpy(km.centroids)
-
-        calls["faiss"] = faiss_kmeans
-    except ImportError:
-        results["faiss"] = {"skipped": "faiss-cpu is not installed"}
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = clock()
-            groups = call()
-            times[name].append(clock() - start)
-            quality = float(sk.assign(x, groups.float(), backend="cpu")[1].mean())
-            results[name] = {"times_s": times[name], "median_s": statistics.median(times[name]),
-                             "mean_cosine": quality}
-    return {"shape": [n, k, d], "iterations": iters, "results": results}
-
-
 def machine() -> dict:
     model, flags = platform.processor() or platform.machine(), ""
     try:
@@ -258,74 +208,54 @@ def machine() -> dict:
     }
 
 
-def ratio(results: list[dict], shape, op: str, slow: str, fast: str) -> float | None:
-    med = {r["impl"]: r.get("median_s") for r in results if tuple(r["shape"]) == tuple(shape) and r["op"] == op}
-    if med.get(slow) is None or med.get(fast) is None:
-        return None
-    return med[slow] / med[fast]
-
-
-def targets(results: list[dict], kmeans: dict, shapes: list) -> list[dict]:
-    """The ratios the issue's targets refer to (at its shapes; computed the same way for others)."""
-    first, last = shapes[0], shapes[-1]
-    rows = [
-        ("loss fwd+bwd T=2: reference / fused", ratio(results, first, LOSS_T2, "reference", "fused"), ">=", 2.0, first),
-        ("loss fwd+bwd T=2: fused / two bare products", ratio(results, first, LOSS_T2, "fused", "torch.mm x2"), "<=", 1.3, first),
-        *((f"loss fwd+bwd T={t}: {ce} / fused", ratio(results, first, op, ce, "fused"), ">=", 1.0, first)
-          for t, op in ((1, LOSS_T1), (2, LOSS_T2)) for ce in TORCH_CE),
-        ("assign: fused / one bare product", ratio(results, first, "assign", "fused", "torch.mm x1"), "<=", 1.15, first),
-        ("assign+stats+update: reference / fused", ratio(results, first, "assign+stats+update", "reference", "fused"), ">=", 1.2, first),
-        ("assign+stats+update: lightly / fused", ratio(results, first, "assign+stats+update", "lightly", "fused"), ">=", 4.0, first),
-    ]
-    fused_mem = [r.get("extra_bytes") for r in results if tuple(r["shape"]) == tuple(last) and r["impl"] == "fused"]
-    worst = max(fused_mem) / 2**30 if fused_mem and None not in fused_mem else None
-    rows.append(("largest fused extra memory (GB)", worst, "<", 1.0, last))
-    km = kmeans["results"]
-    if "median_s" in km.get("faiss", {}) and "median_s" in km.get("fused", {}):
-        rows.append(("spherical k-means: fused / faiss", km["fused"]["median_s"] / km["faiss"]["median_s"], "<=", 1.25,
-                     kmeans["shape"]))
-    out = []
-    for name, value, cmp, bound, shape in rows:
-        ok = None if value is None else (value >= bound if cmp == ">=" else value <= bound if cmp == "<=" else value < bound)
-        out.append({"target": name, "shape": list(shape), "value": value, "bound": f"{cmp} {bound}", "met": ok})
-    return out
-
-
 def fmt_bytes(b: int | None) -> str:
     return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smog bench kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="issue")
-    parser.add_argument("--only", type=int, nargs=3, action="append", metavar=("N", "K", "D"),
-                        help="time only these shapes of the --shapes set (repeatable)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 small, 3 issue)")
-    parser.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time (default), or process CPU time: steadier on a busy machine, "
-                             "meaningful with --threads 1 only")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--max-gb", type=float, default=None,
-                        help="skip cases estimated to need more (default: half the memory available)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+def parser(prog: str = "smog bench kernels", description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0])
+    p.add_argument("--shapes", choices=sorted(SHAPES), default="issue")
+    p.add_argument("--only", type=int, nargs=3, action="append", metavar=("N", "K", "D"),
+                   help="time only these shapes of the --shapes set (repeatable)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 small, 3 issue)")
+    p.add_argument("--out", default=os.path.join("bench", "results"), help="directory for the JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time (default), or process CPU time: steadier on a busy machine, "
+                        "meaningful with --threads 1 only")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--max-gb", type=float, default=None,
+                   help="skip cases estimated to need more (default: half the memory available)")
+    return p
+
+
+def setup(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list, int] | None:
+    """Parse `argv` (sys.argv's by default) and set the threads: (args, shapes, repeats), or None with a
+    message when the fused CPU kernels are not built."""
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import smog_kernels
 
     if "cpu" not in smog_kernels.available_backends():
-        print("smog bench kernels: the fused CPU kernels are not built (smog_kernels._C)", file=sys.stderr)
-        return 1
+        print(f"{p.prog}: the fused CPU kernels are not built (smog_kernels._C)", file=sys.stderr)
+        return None
     repeats = args.repeats or (5 if args.shapes == "small" else 3)
     shapes = SHAPES[args.shapes]
     if args.only:
         unknown = [tuple(o) for o in args.only if tuple(o) not in shapes]
         if unknown:
-            parser.error(f"--only {unknown} not in --shapes {args.shapes}: {shapes}")
+            p.error(f"--only {unknown} not in --shapes {args.shapes}: {shapes}")
         shapes = [tuple(o) for o in args.only]
-    info = machine()
+    return args, shapes, repeats
+
+
+def time_cases(args: argparse.Namespace, shapes: list, repeats: int, info: dict,
+               impls: dict[str, tuple[str, ...]] = IMPLS, make: CaseMaker = make_case,
+               buffers: dict = SCORE_BUFFERS) -> list[dict]:
+    """Every (shape, op, implementation) case timed side by side (and its peak extra memory) on the machine
+    `info` (machine()), printed as a table; one result dict per case."""
     print(f"machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, {info['threads']} torch threads, "
           f"{info['micro_kernels']} micro-kernels, torch {info['torch']}, {info['memory_available_gb']} GB available; "
           f"{args.clock} clock, median of {repeats}")
@@ -339,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         n, k, d = shape
         for op in OPS:
             calls, rows = {}, {}
-            for impl in IMPLS[op]:
-                need = SCORE_BUFFERS.get((op, impl), 0) * n * k * 4
+            for impl in impls[op]:
+                need = buffers.get((op, impl), 0) * n * k * 4
                 row = {"shape": list(shape), "op": op, "impl": impl}
                 if limit is not None and need > limit:
                     row["skipped"] = f"needs ~{need / 2**30:.1f} GB > {limit / 2**30:.1f} GB allowed"
                 else:
                     try:
-                        calls[impl] = make_case(op, impl, n, k, d)
+                        calls[impl] = make(op, impl, n, k, d)
                     except ImportError as e:
                         row["skipped"] = f"not installed ({e.name})"
                 rows[impl] = row
@@ -356,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 if impl in times:
                     row["times_s"] = times[impl]
                     row["median_s"] = statistics.median(times[impl])
-                    row["extra_bytes"] = None if args.no_memory else measure_memory(op, impl, shape)
+                    row["extra_bytes"] = None if args.no_memory else measure_memory(make, op, impl, shape)
                 results.append(row)
             fused = rows["fused"].get("median_s")
             for impl, row in rows.items():
@@ -367,21 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                 rel = f"{row['median_s'] / fused:.2f}" if fused else "-"
                 print(f"{n:>6} {k:>6} {d:>4}  {op:<20} {impl:<19} {row['median_s'] * 1e3:>10.1f} {rel:>8} "
                       f"{fmt_bytes(row.get('extra_bytes')):>15}")
-    kn, kk, kd, iters = KMEANS[args.shapes]
-    kmeans = kmeans_peers(kn, kk, kd, iters, max(1, min(repeats, 2)), CLOCKS[args.clock])
-    print(f"\nspherical k-means, N={kn} K={kk} D={kd}, {iters} iterations:")
-    for name, r in kmeans["results"].items():
-        if "skipped" in r:
-            print(f"  {name:<8} skipped: {r['skipped']}")
-        else:
-            print(f"  {name:<8} {r['median_s']:8.2f} s   mean cosine to its group {r['mean_cosine']:.4f}")
-    goals = targets(results, kmeans, shapes)
-    note = "" if args.shapes == "issue" else " (the issue's targets refer to --shapes issue)"
-    print(f"\ntargets{note}:")
-    for t in goals:
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}"
-        met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(f"  {t['target']:<46} {value:>7}  (target {t['bound']}) at {tuple(t['shape'])}: {met}")
+    return results
+
+
+def write(args: argparse.Namespace, shapes: list, repeats: int, info: dict, results: list[dict], **extra) -> str:
+    """The run's JSON (machine, settings, results and `extra`) in --out; returns its path."""
     os.makedirs(args.out, exist_ok=True)
     name = "kernels_cpu.json" if args.shapes == "issue" else f"kernels_cpu_{args.shapes}.json"
     path = os.path.join(args.out, name)
@@ -389,8 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"machine": info, "shapes": args.shapes, "timed_shapes": [list(s) for s in shapes],
                    "repeats": repeats, "clock": args.clock,
                    "settings": {"beta": BETA, "temperature": TEMPERATURE},
-                   "results": results, "kmeans": kmeans, "targets": goals}, f, indent=1)
+                   "results": results, **extra}, f, indent=1)
     print(f"\nwrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ready = setup(parser(), argv)
+    if ready is None:
+        return 1
+    args, shapes, repeats = ready
+    info = machine()
+    write(args, shapes, repeats, info, time_cases(args, shapes, repeats, info))
     return 0
 
 

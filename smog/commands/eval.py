@@ -17,13 +17,13 @@ import sys
 import torch
 
 from smog import checkpoint
-from smog.config import ConfigError, config_from_dict
+from smog.commands import checkpoint_arg
+from smog.config import ConfigError
 from smog.data import DatasetNotFound
 from smog.dist import init_from_env
 from smog.evaluation import knn_scores, linear_score
 from smog.evaluation.paper_linear import paper_linear
 from smog.loop import pick_device
-from smog.method import build_model
 
 
 def _positive(kind):
@@ -46,18 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=_positive(float), help="linear: learning rate (default eval.linear_lr)")
     parser.add_argument("--batch-size", type=_positive(int), default=32, help="paper protocol: images per process")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    if os.path.isdir(args.checkpoint):
-        args.checkpoint = os.path.join(args.checkpoint, "checkpoint.pt")
     try:
-        if not os.path.isfile(args.checkpoint):
-            raise FileNotFoundError(f"no checkpoint at {args.checkpoint}")
-        state = checkpoint.upgrade_layout(checkpoint.load(args.checkpoint))
-        cfg = config_from_dict(state["config"], args.overrides)
+        args.checkpoint, _, state = checkpoint_arg.load(args.checkpoint)
+        cfg, model = checkpoint_arg.build(args.checkpoint, state, args.overrides)
         device = pick_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        model = build_model(cfg)
-        model.load_state_dict(state["model"])
         backbone = model.encoder().to(device)
         protocol = args.linear_protocol
         if protocol == "auto":
@@ -82,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                       "processes": info.world}
             if info.world > 1:
                 torch.distributed.destroy_process_group()
-    except (ConfigError, DatasetNotFound, FileNotFoundError, checkpoint.CheckpointError) as error:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, checkpoint.CheckpointError,
+            checkpoint_arg.NotACheckpoint) as error:
         print(f"smog eval: error: {error}", file=sys.stderr)
         return 2
     if main_process:

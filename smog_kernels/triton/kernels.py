@@ -3,7 +3,7 @@
 Every kernel accumulates in float32 and reads its inputs through explicit strides, so views need no
 copy. None of them holds an N x K buffer: the score tiles live in registers only.
 
-Conventions: BM = row (sample) tile, BN = centroid tile, BD = feature tile (the whole padded D).
+Conventions: BM = row (sample) tile, BN = group tile, BD = feature tile (the whole padded D).
 PRECISION is the tl.dot input precision ("ieee" or "tf32"; ignored for 16-bit inputs).
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_scores(q, c_ptr, cols, d, d_ok, K, stride_ck, stride_cd,
                  EVEN_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """(scores [BM, BN] = q @ c.T with columns past K at -inf, the centroid tile c [BN, BD]) for the
-    centroid rows `cols`: the inner step shared by the assignment and the loss."""
+    """(scores [BM, BN] = q @ c.T with columns past K at -inf, the group tile c [BN, BD]) for the
+    group rows `cols`: the inner step shared by the assignment and the loss."""
     if EVEN_K:
         c = tl.load(c_ptr + cols.to(tl.int64)[:, None] * stride_ck + d[None, :] * stride_cd,
                     mask=d_ok[None, :], other=0.0)
@@ -58,7 +58,7 @@ def _operand(v, like, UPCAST: tl.constexpr):
         return v.to(like.dtype)
 
 
-# ---- assignment: running (max, argmax) over centroid tiles ------------------------------------------
+# ---- assignment: running (max, argmax) over group tiles ------------------------------------------
 
 
 @triton.jit(do_not_specialize=["N", "K", "tiles_per_split", "stats_from"])
@@ -69,7 +69,7 @@ def assign_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, STATS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Program (row block m, split s) scans centroid tiles [s*tiles_per_split, (s+1)*tiles_per_split)
+    """Program (row block m, split s) scans group tiles [s*tiles_per_split, (s+1)*tiles_per_split)
     and writes its best (score, index) per row to val/idx[s, row]. Ties keep the smallest k: a tile
     only replaces the running best on a strictly larger score, and inside a tile the smallest k among
     the maximal columns wins. With STATS (only launched with one split) the rows >= stats_from are
@@ -230,14 +230,14 @@ def loss_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, FINAL: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Program (row block, split) streams its centroid tiles with a running max of the raw scores
+    """Program (row block, split) streams its group tiles with a running max of the raw scores
     <p, c_k>, sum of exponentials and rescaled accumulator sum_k e^{l_k} c_k; the exponentials are
     taken in log2 units (scores times scale2 = log2(e) / tau, one multiply per score).
     FINAL (one split): writes lse = max * inv_t + log(sum) [N] and attention [N, D]; otherwise the
     partial (raw max, sum, acc) [split, N(, D)] for the merge kernel. Split 0 also writes the
     target logits <p, c_y> * inv_t for the T target sets through the same tl.dot. Where the
     softmax is exactly one-hot (K = 1) the sum is exactly 1 and lse is exactly the logit, which
-    the centroid gradient relies on (its recomputed probability is then exactly 1).
+    the group gradient relies on (its recomputed probability is then exactly 1).
     EVEN_K: K is a multiple of BN (no column masks)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -314,18 +314,18 @@ def loss_merge_kernel(
     tl.store(att_ptr + r64[:, None] * D + d[None, :], acc / total[:, None], mask=mask)
 
 
-# ---- loss: centroid gradient ----------------------------------------------------------------------
+# ---- loss: group gradient ----------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["N", "K", "rows_per_split"])
-def centroid_grad_kernel(
+def group_grad_kernel(
     p_ptr, c_ptr, lse_ptr, w_ptr, wmax_ptr, out_ptr,
     N, K, D, rows_per_split, inv_t,
     stride_pn, stride_pd, stride_ck, stride_cd,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, NORMALIZE_W: tl.constexpr, SPLIT_PROB: tl.constexpr,
 ):
-    """Program (centroid block, row split): out[split, k] = inv_t * sum_b w_b softmax_bk p_b over its
+    """Program (group block, row split): out[split, k] = inv_t * sum_b w_b softmax_bk p_b over its
     rows, recomputing the softmax from the saved lse. NORMALIZE_W (float16): the weights are divided
     by max|w| before the 16-bit cast, and the result multiplied back, so tiny weights do not
     underflow. SPLIT_PROB (16-bit inputs): the weighted probabilities enter the second product as

@@ -9,7 +9,7 @@ Settings (module smog_kernels.triton.ops, read at call time):
                  torch.are_deterministic_algorithms_enabled(), selects the deterministic statistics
                  path (sort by group + segmented sum, bitwise reproducible); otherwise float32 atomics
                  (faster, summation order varies between runs). True/False force one path.
-  SPLIT_OVERRIDE None, or an int forcing the number of K splits (assign, loss) / row splits (centroid
+  SPLIT_OVERRIDE None, or an int forcing the number of K splits (assign, loss) / row splits (group
                  gradient); used by the tests to exercise the split-K merges.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
     stages = 3 if major >= 9 else 2
     # (Checked by compiling for sm_90 with ptxas -v: no register spills with unit feature strides.)
     # float32 (IEEE, no tensor cores): small tiles, because the unrolled FMA products of big ones
-    # take ptxas 20-30 s per kernel to compile; float32 speed is not what this backend is for.
+    # make ptxas slow to compile each kernel; float32 speed is not what this backend is for.
     if kind == "assign":
         if wide:
             return dict(BM=32, BN=32 if big_d else 64, num_warps=8, num_stages=2)
@@ -91,7 +91,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
             return dict(BM=128, BN=64, num_warps=8, num_stages=2) if major >= 9 else \
                 dict(BM=64, BN=64, num_warps=4, num_stages=2)
         return dict(BM=128, BN=64, num_warps=8, num_stages=stages)
-    if kind == "cgrad":  # BN = centroid block (kept), BM = row tile (streamed)
+    if kind == "group_grad":  # BN = group block (kept), BM = row tile (streamed)
         if wide:
             return dict(BM=16 if big_d else 32, BN=32, num_warps=8, num_stages=2)
         if big_d:
@@ -101,7 +101,7 @@ def _config(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> dict
 
 
 def _splits(work_blocks: int, tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles per split) for the streamed dimension (K for assign/loss, N for the centroid
+    """(splits, tiles per split) for the streamed dimension (K for assign/loss, N for the group
     gradient), every split but the last holding the same number of tiles and none empty."""
     split = _split_count(work_blocks, tiles, device)
     per = triton.cdiv(tiles, split)
@@ -134,13 +134,13 @@ def _launch_kw(cfg: dict) -> dict:
 # ---- assignment -----------------------------------------------------------------------------------
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, stats_from: int | None = None,
+def assign(x: torch.Tensor, groups: torch.Tensor, stats_from: int | None = None,
            num_groups: int | None = None):
     """(index int64 [N], score float32 [N]); with stats_from not None also (sums, counts) of the rows
     x[stats_from:] by their assigned group, accumulated in the same launch (atomic path) or by the
     deterministic kernel right after."""
     n, d = x.shape
-    kk = centroids.shape[0]
+    kk = groups.shape[0]
     dev = x.device
     index = torch.empty(n, dtype=torch.int64, device=dev)
     score = torch.empty(n, dtype=torch.float32, device=dev)
@@ -163,9 +163,9 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, stats_from: int | None = No
             vals = torch.empty(split, n, dtype=torch.float32, device=dev)
             idxs = torch.empty(split, n, dtype=torch.int64, device=dev)
         k.assign_kernel[(row_blocks, split)](
-            x, centroids, vals, idxs, sums, counts,
+            x, groups, vals, idxs, sums, counts,
             n, kk, d, per, 0 if stats_from is None else stats_from,
-            x.stride(0), x.stride(1), centroids.stride(0), centroids.stride(1), sums.stride(0),
+            x.stride(0), x.stride(1), groups.stride(0), groups.stride(1), sums.stride(0),
             BM=bm, BN=bn, BD=bd, PRECISION=precision(x.dtype), UPCAST=upcast(x), STATS=fused_stats and split == 1,
             EVEN_K=kk % bn == 0,
             **_launch_kw(cfg),
@@ -226,21 +226,21 @@ def group_stats(x: torch.Tensor, index: torch.Tensor, num_groups: int):
 # ---- momentum update ------------------------------------------------------------------------------
 
 
-def momentum_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float):
-    kk, d = centroids.shape
-    gpu = centroids.device.type == "cuda"
+def momentum_update(groups: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, beta: float):
+    kk, d = groups.shape
+    gpu = groups.device.type == "cuda"
     # the interpreter truncates float32 -> bfloat16; let torch round (to nearest even) there
-    out_dtype = torch.float32 if upcast(centroids) else centroids.dtype
-    out = torch.empty(kk, d, dtype=out_dtype, device=centroids.device)
+    out_dtype = torch.float32 if upcast(groups) else groups.dtype
+    out = torch.empty(kk, d, dtype=out_dtype, device=groups.device)
     bd = block_d(d)
     bk = max(1, min(16 if gpu else 8, 8192 // bd)) if gpu else 8
     k.momentum_kernel[(triton.cdiv(kk, bk),)](
-        centroids, sums, counts, out, kk, d, float(beta),
-        centroids.stride(0), centroids.stride(1), sums.stride(0), sums.stride(1), counts.stride(0),
+        groups, sums, counts, out, kk, d, float(beta),
+        groups.stride(0), groups.stride(1), sums.stride(0), sums.stride(1), counts.stride(0),
         out.stride(0),
         BK=bk, BD=bd, num_warps=4 if gpu else 1,
     )
-    return out.to(centroids.dtype)
+    return out.to(groups.dtype)
 
 
 # ---- loss -----------------------------------------------------------------------------------------
@@ -248,9 +248,9 @@ def momentum_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.T
 _LOG2E = 1.4426950408889634
 
 
-def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
+def loss_forward(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, inv_temperature: float):
     n, d = p.shape
-    kk = centroids.shape[0]
+    kk = groups.shape[0]
     t = targets.shape[0]
     dev = p.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
@@ -271,9 +271,9 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
         acc_part = torch.empty(split, n, d, dtype=torch.float32, device=dev)
     inv_t = float(inv_temperature)
     k.loss_fwd_kernel[(row_blocks, split)](
-        p, centroids, targets, m_part, l_part, acc_part, lse, att, tlog,
+        p, groups, targets, m_part, l_part, acc_part, lse, att, tlog,
         n, kk, d, t, per, inv_t, inv_t * _LOG2E,
-        p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
+        p.stride(0), p.stride(1), groups.stride(0), groups.stride(1),
         targets.stride(0), targets.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p), FINAL=split == 1,
         EVEN_K=kk % bn == 0,
@@ -293,14 +293,14 @@ def loss_forward(p: torch.Tensor, centroids: torch.Tensor, targets: torch.Tensor
     return lse, tlog, att
 
 
-def loss_group_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tensor,
+def loss_group_grad(p: torch.Tensor, groups: torch.Tensor, lse: torch.Tensor,
                        row_weight: torch.Tensor, inv_temperature: float):
     n, d = p.shape
-    kk = centroids.shape[0]
+    kk = groups.shape[0]
     dev = p.device
     if n == 0:
         return torch.zeros(kk, d, dtype=torch.float32, device=dev)
-    cfg = _config("cgrad", dev, p.dtype, d)
+    cfg = _config("group_grad", dev, p.dtype, d)
     bm, bn, bd = cfg["BM"], cfg["BN"], block_d(d)
     col_blocks = triton.cdiv(kk, bn)
     row_tiles = triton.cdiv(n, bm)
@@ -310,10 +310,10 @@ def loss_group_grad(p: torch.Tensor, centroids: torch.Tensor, lse: torch.Tensor,
     row_weight = row_weight.float().contiguous()
     wmax = row_weight.abs().amax().reshape(1)
     inv_t = float(inv_temperature)
-    k.centroid_grad_kernel[(col_blocks, split)](
-        p, centroids, lse, row_weight, wmax, out,
+    k.group_grad_kernel[(col_blocks, split)](
+        p, groups, lse, row_weight, wmax, out,
         n, kk, d, per_tiles * bm, inv_t,
-        p.stride(0), p.stride(1), centroids.stride(0), centroids.stride(1),
+        p.stride(0), p.stride(1), groups.stride(0), groups.stride(1),
         BM=bm, BN=bn, BD=bd, PRECISION=precision(p.dtype), UPCAST=upcast(p),
         NORMALIZE_W=p.dtype == torch.float16, SPLIT_PROB=p.dtype != torch.float32,
         **_launch_kw(cfg),

@@ -60,8 +60,8 @@ auto op_loss_forward() {
       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                            const at::Tensor&, double)>();
 }
-auto op_loss_centroid_grad() {
-  return c10::Dispatcher::singleton().findSchemaOrThrow("smog::loss_centroid_grad", "")
+auto op_loss_group_grad() {
+  return c10::Dispatcher::singleton().findSchemaOrThrow("smog::loss_group_grad", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
 }
 
@@ -90,7 +90,7 @@ void test_assign(const at::Tensor& x_in, const at::Tensor& c_in, double tol, con
 }
 
 void test_assign_ties() {
-  // every centroid duplicated: the first copy (smaller k) must win
+  // every group duplicated: the first copy (smaller k) must win
   const int64_t n = 97, k = 37, d = 19;
   const at::Tensor half = unit_rows(k, d);
   const at::Tensor c = at::cat({half, half}, 0);
@@ -178,9 +178,9 @@ void test_loss(const at::Tensor& p_in, const at::Tensor& c_in, int64_t t, double
   expect(rel_err(attention, ref_att) <= tol, name + " loss_forward attention");
 
   const at::Tensor weight = at::rand({n});
-  const at::Tensor grad = op_loss_centroid_grad().call(p_in, c_in, lse, weight, inv_t);
+  const at::Tensor grad = op_loss_group_grad().call(p_in, c_in, lse, weight, inv_t);
   const at::Tensor ref_grad = inv_t * at::mm((soft * weight.to(at::kDouble).unsqueeze(1)).t(), p.to(at::kDouble));
-  expect(rel_err(grad, ref_grad) <= tol, name + " loss_centroid_grad");
+  expect(rel_err(grad, ref_grad) <= tol, name + " loss_group_grad");
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-"""`smog bench gpu`: the grouping step on a CUDA GPU, fused kernels vs the reference vs torch's chunked
-linear cross-entropy vs lightly's SMoGPrototypes vs bare torch.mm.
+"""`python -m bench.gpu` (step 4 of bench/gpu_check): the grouping step on a CUDA GPU, fused kernels vs
+the reference vs torch's chunked linear cross-entropy vs lightly's SMoGPrototypes vs bare torch.mm.
 
 For (N, K, D) in {(4096, 3000, 128), (4096, 65536, 128), (32768, 65536, 256)} x {bfloat16, float32}
 it times (median, CUDA events through triton.testing.do_bench) and measures the peak extra memory
@@ -185,8 +185,6 @@ def graphed(fn, grads):
 def fused_fns(pb: Problem, backend, name: str) -> dict:
     from smog_kernels.fused_loss import FusedGroupLoss
 
-    n = pb.n
-
     def loss(p, c, targets):
         return FusedGroupLoss.apply(p, c, targets, TEMPERATURE, "mean", False, backend)
 
@@ -208,8 +206,6 @@ def fused_fns(pb: Problem, backend, name: str) -> dict:
 
 def reference_fns(pb: Problem) -> dict:
     from smog_kernels import reference as ref
-
-    n = pb.n
 
     def loss_fwdbwd(targets=pb.targets):
         out = ref.group_contrastive_loss(pb.p, pb.c, targets, TEMPERATURE)
@@ -572,7 +568,7 @@ def write_json(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="smog bench gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes, correctness only (CPU interpreter ok)")
     parser.add_argument("--out", default=os.path.join("bench", "results"), help="output directory")
     parser.add_argument("--shapes", default=None, help="N,K,D;N,K,D;... instead of the defaults")
@@ -593,13 +589,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
-        print("smog bench gpu: no CUDA GPU; use --tiny (with TRITON_INTERPRET=1) for a CPU correctness run",
+        print("bench.gpu: no CUDA GPU; use --tiny (with TRITON_INTERPRET=1) for a CPU correctness run",
               file=sys.stderr)
         return 2
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         if os.environ["TRITON_INTERPRET"] != "1":
-            print("smog bench gpu --tiny on CPU needs TRITON_INTERPRET=1", file=sys.stderr)
+            print("bench.gpu --tiny on CPU needs TRITON_INTERPRET=1", file=sys.stderr)
             return 2
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32, for every method alike

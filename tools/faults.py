@@ -1,4 +1,5 @@
-"""`bench/faults`: random SIGKILLs against `smog train --resume auto` under torchrun --max-restarts.
+"""`bench/faults` (this module): random SIGKILLs against `smog train --resume auto` under torchrun
+--max-restarts. Its launch, kill and comparison helpers also drive tests/test_elastic.py.
 
 usage: bench/faults [--config digits] [--nproc 1] [--kills 20] [--seed 0] [--out DIR] [key=value ...]
 
@@ -165,7 +166,7 @@ def differences(a, b, where: str = "") -> tuple[int, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="smog bench faults", description=__doc__,
+    parser = argparse.ArgumentParser(prog="bench/faults", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="digits")
     parser.add_argument("--nproc", type=int, default=1, help="processes (gloo on CPU)")
