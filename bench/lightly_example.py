@@ -12,7 +12,10 @@ and as the process's CPU time (all threads: less moved by other jobs on a shared
 time for the next batch is kept apart; "grouping" is the time inside the grouping step and loss
 calls (lightly: SMoGPrototypes' methods and the cross-entropy; smog: Grouping.forward), forward only. Runs
 alternate between the two scripts (each a fresh process), the order flipping every repeat; the table shows
-medians over repeats of each run's median step. JSON: bench/results/lightly_example_<data>.json.
+medians over repeats of each run's median step. "Grouping alone" times the two scripts' grouping lines by
+themselves, forward and backward, in this process: the same random rows [batch, 128] and 300 groups for both,
+calls alternating, the median of `--grouping-repeats`; both must pick the same targets.
+JSON: bench/results/lightly_example_<data>.json.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each script")
+    parser.add_argument("--grouping-repeats", type=int, default=50, help="timed calls of each grouping step alone")
     parser.add_argument("--out", default="", help="JSON output (default bench/results/lightly_example_<data>.json)")
     parser.add_argument("--child", choices=SCRIPTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -195,6 +199,53 @@ def summary(runs: list[dict]) -> dict:
             | {"runs": per_run | {"other_processes_cores": [run.get("other_processes_cores") for run in runs]}})
 
 
+def grouping_alone(batch: int, repeats: int) -> dict:
+    """Median seconds of one grouping step, forward and backward, of each script on random unit rows [batch, 128]
+    and 300 groups (lightly's example: SMoGPrototypes' calls and the cross-entropy; ours: F.normalize and
+    Grouping), each call from the same groups and rows; SystemExit if their targets differ."""
+    import torch
+    import torch.nn.functional as F
+    from lightly.models.modules.heads import SMoGPrototypes
+
+    import smog_kernels
+
+    generator = torch.Generator().manual_seed(0)
+    groups = F.normalize(torch.randn(300, 128, generator=generator), dim=1)
+    prototypes, criterion = SMoGPrototypes(group_features=groups.clone(), beta=0.99), torch.nn.CrossEntropyLoss()
+    grouping = smog_kernels.Grouping(heads=1, num_groups=300, dim=128, temperature=0.1)
+
+    def lightly_step(x1_encoded, x0_encoded, x0_predicted):
+        prototypes.set_group_features(groups.clone())
+        start = time.perf_counter()
+        assignments = prototypes.assign_groups(x1_encoded)
+        group_features = prototypes.get_updated_group_features(x0_encoded)
+        logits = prototypes(x0_predicted, group_features, temperature=0.1)
+        prototypes.set_group_features(group_features)
+        criterion(logits, assignments).backward()
+        return time.perf_counter() - start, assignments
+
+    def smog_step(x1_encoded, x0_encoded, x0_predicted):
+        grouping.groups.copy_(groups[None])
+        start = time.perf_counter()
+        grouping(F.normalize(x1_encoded, dim=1)[None], F.normalize(x0_encoded, dim=1)[None],
+                 F.normalize(x0_predicted, dim=1)[None], beta=0.99).backward()
+        return time.perf_counter() - start, grouping.result.targets[0, 0]
+
+    times: dict[str, list[float]] = {"lightly": [], "smog": []}
+    for repeat in range(repeats + 3):  # the first 3 untimed
+        x1_encoded, x0_encoded, x0_predicted = (F.normalize(torch.randn(batch, 128, generator=generator), dim=1)
+                                                 for _ in range(3))
+        x0_encoded.requires_grad_(), x0_predicted.requires_grad_()  # as the model's outputs
+        targets = {}
+        for name, step in (("lightly", lightly_step), ("smog", smog_step))[::1 if repeat % 2 == 0 else -1]:
+            seconds, targets[name] = step(x1_encoded, x0_encoded, x0_predicted)
+            if repeat >= 3:
+                times[name].append(seconds)
+        if not torch.equal(targets["lightly"], targets["smog"]):
+            raise SystemExit("bench/lightly_example: lightly's and smog's grouping steps chose different targets")
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(sys.argv[1:] if argv is None else argv)
     if args.child:
@@ -216,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"{statistics.median(s['step_s'] for s in last['steps']):.3f} s, other processes kept "
                       f"{last.get('other_processes_cores', float('nan')):.1f} cores busy", flush=True)
     result = {name: summary(runs[name]) for name in SCRIPTS}
+    alone = grouping_alone(args.batch_size, args.grouping_repeats)
     ratio = result["lightly"]["step_s"] / result["smog"]["step_s"]
     cpu_ratio = result["lightly"]["step_cpu_s"] / result["smog"]["step_cpu_s"]
     grouping_ratio = result["lightly"]["grouping_s"] / result["smog"]["grouping_s"]
@@ -229,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
         "lightly": result["lightly"], "smog": result["smog"],
         "step_ratio_lightly_over_smog": ratio, "step_cpu_ratio_lightly_over_smog": cpu_ratio,
         "grouping_ratio_lightly_over_smog": grouping_ratio,
+        "grouping_alone": alone | {"repeats": args.grouping_repeats},
+        "grouping_alone_ratio_lightly_over_smog": alone["lightly"] / alone["smog"],
     }
     out = Path(args.out or REPO / "bench" / "results" / f"lightly_example_{args.data}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
         r = result[name]
         print(f"{name:8} {r['step_s']:8.3f} {r['step_cpu_s']:9.3f} {r['load_s']:8.3f} {r['grouping_s']:19.4f}")
     print(f"step: lightly / smog = {ratio:.3f}x (CPU time {cpu_ratio:.3f}x); grouping calls: lightly / smog = "
-          f"{grouping_ratio:.2f}x  -> {out}")
+          f"{grouping_ratio:.2f}x")
+    print(f"grouping alone (forward and backward, median of {args.grouping_repeats}): lightly "
+          f"{alone['lightly'] * 1e3:.2f} ms, smog {alone['smog'] * 1e3:.2f} ms, lightly / smog = "
+          f"{report['grouping_alone_ratio_lightly_over_smog']:.1f}x  -> {out}")
 
 
 if __name__ == "__main__":
