@@ -11,7 +11,7 @@ from smog.budget import Budget, Clock
 from smog.schedules import learning_rate
 from tests.training import make_trainer
 
-MINUTES = 0.2  # 12 s of training time
+MINUTES = 0.1  # 6 s of training time
 SLACK_S = 5.0  # a run stops at the first step after its budget; a step of this tiny run is far shorter
 
 
