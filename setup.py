@@ -75,6 +75,7 @@ setup(
     install_requires=["torch>=2.6", "numpy", "pillow", "pyyaml", "tqdm", "torchvision", "matplotlib"],
     extras_require={"test": ["pytest", "scikit-learn", "tensorboard", "timm"], "triton": ["triton"],
                     "tensorboard": ["tensorboard"], "timm": ["timm"], "wandb": ["wandb"],
-                    "bench": ["lightly>=1.6", "scikit-learn"]},
+                    "bench": ["lightly>=1.6", "scikit-learn"],
+                    "examples": ["lightly>=1.6", "lightning"]},
     entry_points={"console_scripts": ["smog=smog.cli:main"]},
 )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
@@ -70,11 +71,16 @@ class KnnMonitor(Callback):
 
 class Logging(Callback):
     """Step records (mean loss since the last one, lr, the method's step metrics) every train.log_every
-    steps, epoch records, plots and the epoch line; rank 0 writes."""
+    steps, epoch records, the epoch line and the plots (redrawn after the first epoch, then at most once every
+    PLOT_EVERY_S seconds and at the end, so that short epochs are not spent drawing); rank 0 writes."""
+
+    PLOT_EVERY_S = 60.0
 
     def __init__(self, cfg: Config):
         self.every, self.show = cfg.train.log_every, cfg.train.progress
         self.loss, self.steps = 0.0, 0
+        self.plotted: float | None = None  # time.monotonic() of the last plot
+        self.stale = False  # epoch records written since the last plot
 
     def on_step_end(self, trainer: "Trainer", loss: float) -> None:
         self.loss, self.steps = self.loss + loss, self.steps + 1
@@ -90,11 +96,22 @@ class Logging(Callback):
         if not trainer.dist.main:
             return
         trainer.log.write(record)
-        trainer.log.plot()
+        self.stale = True
+        if self.plotted is None or time.monotonic() - self.plotted >= self.PLOT_EVERY_S:
+            self._plot(trainer)
         if self.show:
             tqdm.write(f"epoch {record['epoch'] + 1}: loss {record['loss']:.4f}, groups in use "
                        f"{record['nonempty']}, {record['seconds']:.1f}s" +
                        (f", kNN {record['knn']}" if "knn" in record else ""))
+
+
+    def on_fit_end(self, trainer: "Trainer") -> None:
+        if trainer.dist.main and self.stale:
+            self._plot(trainer)
+
+    def _plot(self, trainer: "Trainer") -> None:
+        trainer.log.plot()
+        self.plotted, self.stale = time.monotonic(), False
 
 
 class Checkpointing(Callback):

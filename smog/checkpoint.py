@@ -374,6 +374,7 @@ class RunFiles:
     """
 
     def __init__(self, run_dir: str, rank: int, world: int, say: Callable[[str], None]):
+        """say: prints a line from this process (what concerns every rank is said by rank 0 only)."""
         self.rank, self.world, self.say = rank, world, say
         self.main_path = os.path.join(run_dir, "checkpoint.pt")
         self.rank_path = os.path.join(run_dir, f"rank{rank}.pt")

@@ -149,7 +149,7 @@ class Trainer:
         self.clock = Clock()
         self.budget = Budget(cfg.train.minutes) if cfg.train.minutes else None
         self.meter = {"loss": 0.0, "steps": 0}
-        self.files = checkpoint.RunFiles(self.run_dir, self.dist.rank, self.dist.world, self.say)
+        self.files = checkpoint.RunFiles(self.run_dir, self.dist.rank, self.dist.world, self.say_on_every_rank)
         wandb = {"project": cfg.train.wandb_project, "name": cfg.train.run_name or cfg.name, "config": to_dict(cfg),
                  "resume": "allow"} if cfg.train.wandb and self.dist.main else None
         self.log = RunLog(self.run_dir, tensorboard=cfg.train.tensorboard, wandb=wandb)
@@ -164,6 +164,11 @@ class Trainer:
         """A line on stderr from rank 0."""
         if self.dist.main:
             print(f"smog train: {text}", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def say_on_every_rank(text: str) -> None:
+        """A line on stderr from this process (a rank's own files)."""
+        print(f"smog train: {text}", file=sys.stderr, flush=True)
 
     def bar(self, iterable: Iterable, desc: str, total: int, initial: int = 0) -> tqdm:
         """A progress bar on rank 0 when train.progress is on."""

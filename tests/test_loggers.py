@@ -159,3 +159,19 @@ def test_plots_number_epochs_as_the_log_does(tmp_path, monkeypatch):
     log.plot()
     log.close()
     assert drawn == [[1, 2, 3], [2], [1, 2, 3], [1, 2, 3]]  # loss, kNN, groups in use, entropy
+
+
+@pytest.mark.parametrize("every_s, expected", [(0.0, [1, 2, 3]), (3600.0, [1, 3])])
+def test_plots_are_redrawn_after_the_first_epoch_then_at_most_every_interval_and_at_the_end(
+        tmp_path, monkeypatch, every_s, expected):
+    """Short epochs are not spent drawing: with an hour between plots, epoch 1's and the final one only."""
+    import smog.callbacks
+    from smog.runlog import RunLog
+
+    monkeypatch.setattr(smog.callbacks.Logging, "PLOT_EVERY_S", every_s)
+    trainer = trainer_for(tmp_path, "train.epochs=3", "eval.knn_every=0", "data.train_subset=64")
+    drawn = []  # epochs in the log at each plot
+    monkeypatch.setattr(RunLog, "plot", lambda self: drawn.append(len([r for r in records(trainer)
+                                                                         if r["kind"] == "epoch"])))
+    trainer.fit()
+    assert drawn == expected

@@ -130,16 +130,16 @@ def run_with_kills(cmd: list[str], run_dir: Path, kills: int, rng: random.Random
 
 
 def final_state(run_dir: Path, world: int) -> dict:
-    """The run's checkpoint and every rank file, less the config (it names the run directory) and the RNG
-    states: those record a process's history, not the training's (numpy's and Python's start from OS
+    """The run's checkpoint and every rank file, less the config (it names the run directory), the training
+    clock's seconds (wall time) and the RNG states: those record a process's history, not the training's (numpy's and Python's start from OS
     entropy and nothing in smog draws from them; the data loader draws a seed from torch's whenever an
     epoch's loader starts, which a resumed process does once more); crops and shuffles have their own seeds."""
     state = checkpoint.load(str(run_dir / "checkpoint.pt"))
-    del state["config"], state["rng"]
+    del state["config"], state["seconds"], state["rank"]["rng"]
     files = {"checkpoint": state}
     for r in range(world if world > 1 else 0):
         files[f"rank{r}"] = checkpoint.load(str(run_dir / f"rank{r}.pt"))
-        del files[f"rank{r}"]["rng"]
+        del files[f"rank{r}"]["rank"]["rng"]
     return files
 
 
