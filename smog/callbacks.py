@@ -104,7 +104,6 @@ class Logging(Callback):
                        f"{record['nonempty']}, {record['seconds']:.1f}s" +
                        (f", kNN {record['knn']}" if "knn" in record else ""))
 
-
     def on_fit_end(self, trainer: "Trainer") -> None:
         if trainer.dist.main and self.stale:
             self._plot(trainer)
