@@ -7,20 +7,14 @@ processes, from one process holding every process's tensors. Multi-process cases
 from __future__ import annotations
 
 import copy
-import os
-import time
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from smog.batchnorm import SyncBatchNorm, batch_norm, synchronise
+from tests.test_distributed import launch
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
@@ -188,7 +182,6 @@ def test_synchronise_on_one_process_changes_nothing():
 
 # ---- groups of real processes (gloo) ---------------------------------------------------------------
 
-JOIN_S = 120.0
 ROWS = 8  # samples of the global batch: rank r of a world of W holds rows r::W
 
 
@@ -225,58 +218,37 @@ def _run(net: nn.ModuleDict, rows: list[int], bn_crops: str) -> dict:
             "state": {k: v.clone() for k, v in net.state_dict().items()}}
 
 
-def _world_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def sync_world(rank: int, world: int, seed: int) -> dict:
+    """One rank's results: with 2 processes, two independent runs of both (rows (0, 1) mod 4, then rows
+    (2, 3) mod 4); with 4, sync groups of 2 and of 4; then the error of a group size that does not divide."""
+    results = {}
+    for bn_crops in ("pooled", "per_resolution"):
+        if world == 2:
+            for half in (0, 1):
+                net = synchronise(_model(seed), 0)
+                results[bn_crops, "half", half] = _run(net, list(range(2 * half + rank, ROWS, 4)), bn_crops)
+        else:
+            for size in (2, 4):
+                net = synchronise(_model(seed), size)
+                assert all(isinstance(m, SyncBatchNorm) for m in net.modules() if isinstance(m, _BatchNorm))
+                results[bn_crops, "group", size] = _run(net, list(range(rank, ROWS, world)), bn_crops)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        results = {}
-        for bn_crops in ("pooled", "per_resolution"):
-            if world == 2:  # two independent runs of 2 processes: rows (0, 1) mod 4, then rows (2, 3) mod 4
-                for half in (0, 1):
-                    net = synchronise(_model(13), 0)
-                    results[bn_crops, "half", half] = _run(net, list(range(2 * half + rank, ROWS, 4)), bn_crops)
-            else:
-                for size in (2, 4):
-                    net = synchronise(_model(13), size)
-                    assert all(isinstance(m, SyncBatchNorm) for m in net.modules() if isinstance(m, _BatchNorm))
-                    results[bn_crops, "group", size] = _run(net, list(range(rank, ROWS, world)), bn_crops)
-        try:
-            synchronise(_model(13), 3)
-        except ValueError as error:
-            results["error"] = str(error)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        code = 0
-    except BaseException:  # noqa: BLE001 -- reported to the test through the file
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        code = 1
-    os._exit(code)
-
-
-def _launch(world: int, tmp: Path) -> list[dict]:
-    tmp.mkdir(parents=True)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_world_rank, args=(r, world, str(tmp / "rendezvous"), str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + JOIN_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-    for r in stuck:
-        procs[r].kill()
-        procs[r].join()
-    assert not stuck, f"ranks {stuck} of {world} still running after {JOIN_S} s"
-    errors = [(tmp / f"rank{r}.err").read_text() for r in range(world) if (tmp / f"rank{r}.err").exists()]
-    assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(world)]
+        synchronise(_model(seed), 3)
+    except ValueError as error:
+        results["error"] = str(error)
+    return results
 
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory) -> dict[int, list[dict]]:
     """Results of a world of 2 gloo processes and of a world of 4."""
     root = tmp_path_factory.mktemp("sync")
-    return {world: _launch(world, root / str(world)) for world in (2, 4)}
+    worlds = {}
+    for world in (2, 4):
+        results, codes = launch(world, "tests.test_batchnorm:sync_world", 13, root / str(world), timeout_s=60.0)
+        assert codes == [0] * world, codes
+        worlds[world] = results
+    return worlds
 
 
 def _close(a: dict, b: dict, what: str, rtol: float = 1e-10, atol: float = 1e-10) -> None:
